@@ -1,0 +1,1 @@
+"""Framework-free building blocks: state, configs, registry, distributions, schedules, RNG."""

@@ -1,0 +1,123 @@
+"""Recipe configuration: validated dataclasses loaded from YAML.
+
+A recipe is serializable values only (no model, optimizer or process group). Unknown keys,
+impossible values and unknown names raise before anything is built, naming the offending value.
+
+Example YAML::
+
+    method: rigl
+    sparsity: 0.9
+    distribution: erk
+    seed: 0
+    targets:
+      exclude: ["lm_head"]
+    args:
+      update_interval: 100
+      drop_fraction: 0.3
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from dimred_dist.core.distributions import DISTRIBUTIONS
+from dimred_dist.core.registry import get_method
+from dimred_dist.core.targets import TargetConfig
+
+
+def build_dataclass(cls: type, data: Any, where: str) -> Any:
+    """Instantiate dataclass ``cls`` from a mapping, rejecting keys it does not define."""
+    if isinstance(data, cls):
+        return data
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise TypeError(f"{where}: expected a mapping, got {type(data).__name__}: {data!r}")
+    names = {f.name for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {unknown}; valid keys: {sorted(names)}")
+    try:
+        return cls(**data)
+    except TypeError as e:
+        raise ValueError(f"{where}: {e}") from None
+
+
+@dataclass(kw_only=True)
+class MethodConfig:
+    """Base of the per-method hyper-parameter dataclasses (the ``args`` section of a recipe)."""
+
+
+@dataclass(kw_only=True)
+class Recipe:
+    """What to prune or freeze, how much, and with which method.
+
+    Attributes:
+        method: Registered method name (see :func:`dimred_dist.core.registry.registered_methods`).
+        sparsity: Fraction of managed entries that are not trained, in [0, 1): pruned for pruning
+            methods, frozen for freezing methods.
+        distribution: How the budget is split across layers: ``uniform``, ``erk`` or ``global``.
+        seed: Seed of every random choice (masks are reproducible across world sizes).
+        targets: Which parameters are managed.
+        args: Method hyper-parameters; validated into the method's config dataclass.
+    """
+
+    method: str
+    sparsity: float
+    distribution: str = "erk"
+    seed: int = 0
+    targets: TargetConfig = field(default_factory=TargetConfig)
+    args: Any = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.sparsity, bool) or not isinstance(self.sparsity, (int, float)):
+            raise TypeError(f"sparsity must be a number, got {self.sparsity!r}")
+        if not 0.0 <= float(self.sparsity) < 1.0:
+            raise ValueError(f"sparsity must be in [0, 1), got {self.sparsity}")
+        self.sparsity = float(self.sparsity)
+        if self.distribution not in DISTRIBUTIONS:
+            raise ValueError(f"unknown sparsity distribution {self.distribution!r}; known: {', '.join(DISTRIBUTIONS)}")
+        if not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
+        self.targets = build_dataclass(TargetConfig, self.targets, "targets")
+        method_cls = get_method(self.method)
+        self.method = method_cls.method_name
+        self.args = build_dataclass(method_cls.config_cls, self.args, f"args of method {self.method!r}")
+
+    @property
+    def density(self) -> float:
+        return 1.0 - self.sparsity
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-data form (YAML/JSON serializable)."""
+        return dataclasses.asdict(self)
+
+
+def recipe_from_dict(data: Any, where: str = "recipe") -> Recipe:
+    """A :class:`Recipe` from a mapping, with errors that name the offending key or value."""
+    return build_dataclass(Recipe, data, where)
+
+
+def load_recipe(source: str | os.PathLike | dict) -> Recipe:
+    """Load and validate a recipe from a YAML file path or a mapping.
+
+    Raises:
+        FileNotFoundError: If the file does not exist.
+        TypeError: If the YAML document is not a mapping.
+        ValueError: For unknown keys, names or impossible values.
+    """
+    if isinstance(source, dict):
+        return recipe_from_dict(source)
+    path = os.fspath(source)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"recipe file not found: {path}")
+    with open(path, encoding="utf-8") as f:
+        data = yaml.safe_load(f)
+    if not isinstance(data, dict):
+        raise TypeError(f"{path}: a recipe must be a YAML mapping, got {type(data).__name__}")
+    return recipe_from_dict(data, where=path)

@@ -1,0 +1,30 @@
+"""Shard adapters: build the views and collectives for one way of distributing a model.
+
+:class:`ReplicatedAdapter` serves a single process and DDP (every rank holds whole parameters).
+The ZeRO adapters subclass it and add the step hooks DeepSpeed needs.
+"""
+
+from __future__ import annotations
+
+import torch.nn as nn
+
+from dimred_dist.distributed.collectives import Collectives
+from dimred_dist.distributed.topology import Topology
+from dimred_dist.distributed.views import ShardView, full_views
+
+
+class ReplicatedAdapter:
+    """Whole parameters on every rank: a single process, or DDP (replicas agree after all-reduce)."""
+
+    def __init__(self, topology: Topology | None = None) -> None:
+        self.topology = topology or Topology.detect()
+        if self.topology.zero_stage != 0:
+            raise ValueError(f"ReplicatedAdapter serves ZeRO stage 0 only, got {self.topology.zero_stage}")
+        self._coll = self.topology.collectives()
+
+    @property
+    def collectives(self) -> Collectives:
+        return self._coll
+
+    def views(self, params: dict[str, nn.Parameter]) -> dict[str, ShardView]:
+        return full_views(params, replicated=self.topology.distributed)

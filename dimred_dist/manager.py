@@ -1,0 +1,212 @@
+"""The framework-agnostic engine: a method, the element state, the schedule and a shard adapter.
+
+Typical plain PyTorch / DDP use::
+
+    manager = DimRedManager(recipe, model, total_steps=1000).prepare()
+    manager.attach(optimizer)          # masks gradients before, enforces weights after each step
+    for batch in data:
+        loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+Under DeepSpeed a ZeRO adapter calls :meth:`DimRedManager.before_optimizer_step` and
+:meth:`DimRedManager.after_optimizer_step` from inside the engine's step instead.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from dimred_dist.core.config import Recipe
+from dimred_dist.core.distributions import keep_counts, layer_densities
+from dimred_dist.core.logging import get_logger
+from dimred_dist.core.registry import get_method
+from dimred_dist.core.state import DimRedState, ParamState
+from dimred_dist.core.targets import select_parameters
+from dimred_dist.distributed.adapter import ReplicatedAdapter
+from dimred_dist.methods.base import Method, MethodContext
+
+logger = get_logger(__name__)
+
+
+class DimRedManager:
+    """Applies a recipe to a model during training.
+
+    Args:
+        recipe: The validated recipe.
+        model: The model whose parameters are managed (the module, not a DDP/engine wrapper).
+        adapter: How parameters are distributed; default: single process or DDP, detected.
+        total_steps: Planned number of optimizer steps (schedules of dynamic methods need it).
+    """
+
+    def __init__(self, recipe: Recipe, model: nn.Module, *, adapter=None, total_steps: int = 0) -> None:
+        if total_steps < 0:
+            raise ValueError(f"total_steps must be >= 0, got {total_steps}")
+        self.recipe = recipe
+        self.model = model
+        self.adapter = adapter or ReplicatedAdapter()
+        self.total_steps = total_steps
+        self.method: Method = get_method(recipe.method)(recipe)
+        self.step = 0
+        self.params = select_parameters(model, recipe.targets)
+        self.ctx: MethodContext | None = None
+        self._frozen: dict[str, torch.Tensor] = {}
+        self._last_update: dict[str, float] = {}
+        self.update_seconds = 0.0
+
+    # ---- set-up --------------------------------------------------------------------------
+    def prepare(self) -> DimRedManager:
+        """Build views and state, choose the initial topology and apply it to the weights."""
+        views = self.adapter.views(self.params)
+        state = DimRedState({n: ParamState.dense(n, v.shape, v.start, v.end) for n, v in views.items()})
+        shapes = {n: v.shape for n, v in views.items()}
+        densities = layer_densities(self.recipe.distribution, shapes, self.recipe.density)
+        self.ctx = MethodContext(
+            views=views,
+            state=state,
+            coll=self.adapter.collectives,
+            keep_counts=keep_counts(densities, shapes),
+            global_budget=self.recipe.distribution == "global",
+            total_steps=self.total_steps,
+        )
+        t0 = time.perf_counter()
+        self.method.initialize(self.ctx)
+        self.update_seconds += time.perf_counter() - t0
+        self.apply_masks()
+        logger.info(
+            "dimred: %s at sparsity %.3f (%s) on %d parameters", self.recipe.method, self.recipe.sparsity,
+            self.recipe.distribution, len(views),
+        )
+        return self
+
+    @property
+    def state(self) -> DimRedState:
+        self._require_prepared()
+        return self.ctx.state
+
+    @property
+    def views(self):
+        self._require_prepared()
+        return self.ctx.views
+
+    def _require_prepared(self) -> None:
+        if self.ctx is None:
+            raise RuntimeError("DimRedManager.prepare() has not been called")
+
+    # ---- the step ------------------------------------------------------------------------
+    def before_optimizer_step(self) -> None:
+        """Run a due topology update on the current gradients, then zero non-TRAIN gradients."""
+        self._require_prepared()
+        if self.method.is_update_step(self.step):
+            t0 = time.perf_counter()
+            self._last_update = self.method.update(self.ctx, self.step)
+            self.update_seconds += time.perf_counter() - t0
+            self.apply_masks()
+        self.mask_gradients()
+
+    def after_optimizer_step(self) -> None:
+        """Keep PRUNE entries at 0 and FREEZE entries at their frozen value; count the step."""
+        self._require_prepared()
+        self.enforce_weights()
+        self.step += 1
+
+    def mask_gradients(self) -> None:
+        for name, v in self.ctx.views.items():
+            g = v.grad()
+            if g is not None:
+                g.masked_fill_(~self.ctx.state[name].train, 0.0)
+
+    @torch.no_grad()
+    def apply_masks(self) -> None:
+        """Zero pruned entries and remember the values of frozen entries (after a topology change)."""
+        self._frozen.clear()
+        for name, v in self.ctx.views.items():
+            ps = self.ctx.state[name]
+            w = v.weight()
+            w.masked_fill_(~ps.keep, 0.0)
+            freeze = ps.freeze_mask()
+            if bool(freeze.any()):
+                self._frozen[name] = w[freeze].clone()
+            v.after_weight_edit()
+
+    @torch.no_grad()
+    def enforce_weights(self) -> None:
+        for name, v in self.ctx.views.items():
+            ps = self.ctx.state[name]
+            w = v.weight()
+            w.masked_fill_(~ps.keep, 0.0)
+            if name in self._frozen:
+                w[ps.freeze_mask()] = self._frozen[name]
+            v.after_weight_edit()
+
+    def attach(self, optimizer: torch.optim.Optimizer):
+        """Hook a plain torch optimizer: mask gradients before, enforce weights after its step.
+
+        Returns the two hook handles (call ``.remove()`` on them to detach).
+        """
+        pre = optimizer.register_step_pre_hook(lambda *_: self.before_optimizer_step())
+        post = optimizer.register_step_post_hook(lambda *_: self.after_optimizer_step())
+        return pre, post
+
+    # ---- observation ---------------------------------------------------------------------
+    def global_counts(self) -> dict[str, torch.Tensor]:
+        """Per layer: global (train, freeze, prune) counts, summed over ranks where sharded."""
+        names = list(self.ctx.views)
+        rows = []
+        for n in names:
+            v, ps = self.ctx.views[n], self.ctx.state[n]
+            c = ps.counts()
+            row = [c[k] for k in sorted(c)]
+            rows.append(row if not v.replicated or self.adapter.topology.rank == 0 else [0, 0, 0])
+        total = self.ctx.coll.all_reduce_sum(torch.tensor(rows, dtype=torch.int64).reshape(len(names), 3))
+        return {n: total[i] for i, n in enumerate(names)}
+
+    def metrics(self) -> dict[str, float]:
+        """Flat metrics dict: overall and per-layer density, state fractions, update time."""
+        counts = self.global_counts()
+        out: dict[str, float] = {}
+        tot = torch.zeros(3, dtype=torch.int64)
+        for name, c in counts.items():
+            n = int(c.sum())
+            out[f"dimred/density/{name}"] = float(c[0] + c[1]) / n
+            tot += c
+        n = int(tot.sum())
+        out["dimred/density"] = float(tot[0] + tot[1]) / n
+        out["dimred/fraction/train"] = float(tot[0]) / n
+        out["dimred/fraction/freeze"] = float(tot[1]) / n
+        out["dimred/fraction/prune"] = float(tot[2]) / n
+        out["dimred/topology_update_seconds"] = self.update_seconds
+        out.update(self._last_update)
+        return out
+
+    def check_agreement(self) -> None:
+        """Raise if replicated parameters' topologies differ between ranks (one small all-reduce)."""
+        names = [n for n, v in self.ctx.views.items() if v.replicated]
+        if not names:
+            return
+        sums = torch.tensor([_checksum(self.ctx.state[n].codes()) for n in names], dtype=torch.int64)
+        hi = self.ctx.coll.all_reduce_max(sums)
+        lo = -self.ctx.coll.all_reduce_max(-sums)
+        bad = [n for n, a, b in zip(names, hi.tolist(), lo.tolist()) if a != b]
+        if bad:
+            raise RuntimeError(f"ranks disagree on the topology of {bad[:5]} at step {self.step}")
+
+    # ---- persistence ---------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "masks": self.state.state_dict(), "method": self.method.state_dict()}
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        self.state.load_state_dict(sd["masks"])
+        self.method.load_state_dict(sd.get("method", {}))
+        self.step = int(sd["step"])
+        self.apply_masks()
+
+
+def _checksum(codes: torch.Tensor) -> int:
+    idx = torch.arange(codes.numel(), dtype=torch.int64)
+    return int(((codes.to(torch.int64) + 1) * ((idx * 2654435761) % 2147483647)).sum() % (1 << 61))
