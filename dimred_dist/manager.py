@@ -30,6 +30,7 @@ from dimred_dist.core.state import DimRedState, ParamState
 from dimred_dist.core.targets import select_parameters
 from dimred_dist.distributed.adapter import ReplicatedAdapter
 from dimred_dist.methods.base import Method, MethodContext
+from dimred_dist.optim.compact import CompactOptimizer
 
 logger = get_logger(__name__)
 
@@ -57,6 +58,7 @@ class DimRedManager:
         self.ctx: MethodContext | None = None
         self._frozen: dict[str, torch.Tensor] = {}
         self._last_update: dict[str, float] = {}
+        self.optimizer = None
         self.update_seconds = 0.0
 
     # ---- set-up --------------------------------------------------------------------------
@@ -107,6 +109,7 @@ class DimRedManager:
             self._last_update = self.method.update(self.ctx, self.step)
             self.update_seconds += time.perf_counter() - t0
             self.apply_masks()
+            self.sync_optimizer()
         self.mask_gradients()
 
     def after_optimizer_step(self) -> None:
@@ -144,11 +147,22 @@ class DimRedManager:
                 w[ps.freeze_mask()] = self._frozen[name]
             v.after_weight_edit()
 
+    def sync_optimizer(self) -> None:
+        """Give a compact optimizer the current TRAIN masks (regrown entries restart their moments)."""
+        if isinstance(self.optimizer, CompactOptimizer):
+            self.adapter.sync_optimizer(self.optimizer, self.ctx.views, self.ctx.state, self.ctx.regrown)
+        self.ctx.regrown.clear()
+
     def attach(self, optimizer: torch.optim.Optimizer):
         """Hook a plain torch optimizer: mask gradients before, enforce weights after its step.
 
-        Returns the two hook handles (call ``.remove()`` on them to detach).
+        A :class:`~dimred_dist.optim.CompactOptimizer` also gets the TRAIN masks, now and after
+        every topology change, so it keeps state for TRAIN entries only. Returns the two hook
+        handles (call ``.remove()`` on them to detach).
         """
+        self._require_prepared()
+        self.optimizer = optimizer
+        self.sync_optimizer()
         pre = optimizer.register_step_pre_hook(lambda *_: self.before_optimizer_step())
         post = optimizer.register_step_post_hook(lambda *_: self.after_optimizer_step())
         return pre, post
@@ -205,6 +219,8 @@ class DimRedManager:
         self.method.load_state_dict(sd.get("method", {}))
         self.step = int(sd["step"])
         self.apply_masks()
+        if self.optimizer is not None:
+            self.sync_optimizer()
 
 
 def _checksum(codes: torch.Tensor) -> int:

@@ -28,3 +28,11 @@ class ReplicatedAdapter:
 
     def views(self, params: dict[str, nn.Parameter]) -> dict[str, ShardView]:
         return full_views(params, replicated=self.topology.distributed)
+
+    def sync_optimizer(self, optimizer, views: dict[str, ShardView], state, reset: dict) -> None:
+        """Hand the TRAIN masks of the managed parameters to a compact optimizer."""
+        owned = {id(p) for g in optimizer.param_groups for p in g["params"]}
+        for name, v in views.items():
+            if id(v.param) not in owned:
+                raise ValueError(f"managed parameter {name!r} is not among the optimizer's parameters")
+            optimizer.set_train_mask(v.param, state[name].train, reset=reset.get(name))

@@ -16,7 +16,7 @@ Selection is exact and identical on every rank and world size (see
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
@@ -39,6 +39,8 @@ class MethodContext:
         keep_counts: Entries kept (not pruned / not frozen) per layer at the target density.
         global_budget: If True, one top-k across all layers decides instead of per-layer counts.
         total_steps: Length of training in optimizer steps (for schedules).
+        regrown: Local masks of entries a topology update (re)grew; their optimizer moments restart
+            at zero. Filled by methods, consumed and cleared by the manager.
     """
 
     views: dict[str, ShardView]
@@ -47,6 +49,7 @@ class MethodContext:
     keep_counts: dict[str, int]
     global_budget: bool
     total_steps: int
+    regrown: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def select(
         self,

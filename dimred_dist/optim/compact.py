@@ -1,0 +1,202 @@
+"""Mask-aware optimizers whose state exists only for TRAIN entries.
+
+Each parameter tensor the optimizer is given (a module parameter, or the flat fp32 partition that
+DeepSpeed ZeRO hands a client optimizer) carries a *train mask*. The optimizer keeps
+
+* ``mask_bits``: the train mask, bit-packed (1 bit per entry, uint8), and
+* its moments as 1-D tensors over the TRAIN entries only, in flat-index order,
+
+so its state costs ``density * dense + 1/64 of dense`` for AdamW. Only TRAIN entries are read or
+written by a step: FREEZE entries keep their value, PRUNE entries stay 0, weight decay touches
+neither. :meth:`CompactOptimizer.set_train_mask` re-compacts the state after a topology change:
+entries that stay TRAIN keep their moments, new ones start at zero, the others lose theirs.
+
+A parameter whose mask was never set is fully TRAIN (dense state, no bitmask).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+_BIT = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
+
+
+def pack_bits(mask: torch.Tensor) -> torch.Tensor:
+    """Bool tensor -> uint8 tensor of ceil(n / 8) bytes (entry i is bit i % 8 of byte i // 8)."""
+    m = mask.reshape(-1).to(torch.uint8)
+    pad = (-m.numel()) % 8
+    if pad:
+        m = torch.cat([m, m.new_zeros(pad)])
+    return (m.view(-1, 8) * _BIT.to(m.device)).sum(1, dtype=torch.uint8)
+
+
+def unpack_bits(bits: torch.Tensor, n: int) -> torch.Tensor:
+    """Inverse of :func:`pack_bits` for the first ``n`` entries."""
+    return (bits.reshape(-1, 1) & _BIT.to(bits.device)).ne(0).reshape(-1)[:n]
+
+
+class CompactOptimizer(torch.optim.Optimizer):
+    """Base of the compact optimizers: mask bookkeeping, re-compaction, state accounting.
+
+    Subclasses name their per-entry state tensors in :attr:`moment_names` and implement
+    :meth:`_update` on the gathered TRAIN entries.
+    """
+
+    moment_names: tuple[str, ...] = ()
+
+    def _moments(self, p: torch.Tensor) -> dict[str, Any]:
+        st = self.state[p]
+        if "step" not in st:
+            n = self._active_count(p)
+            st["step"] = torch.zeros((), dtype=torch.float32)
+            for k in self.moment_names:
+                st[k] = torch.zeros(n, dtype=p.dtype, device=p.device)
+        return st
+
+    def _active_count(self, p: torch.Tensor) -> int:
+        bits = self.state[p].get("mask_bits")
+        return p.numel() if bits is None else int(unpack_bits(bits, p.numel()).sum())
+
+    def train_mask(self, p: torch.Tensor) -> torch.Tensor | None:
+        """The bool train mask of ``p`` (None: every entry trains)."""
+        bits = self.state[p].get("mask_bits")
+        return None if bits is None else unpack_bits(bits, p.numel())
+
+    @torch.no_grad()
+    def set_train_mask(self, p: torch.Tensor, mask: torch.Tensor | None, reset: torch.Tensor | None = None) -> None:
+        """Set the TRAIN entries of ``p`` and re-compact its state.
+
+        Args:
+            p: A parameter of this optimizer.
+            mask: Flat bool mask of the TRAIN entries, or None for all.
+            reset: Optional flat bool mask of entries whose moments restart at zero even if they were
+                TRAIN before (entries dropped and regrown in the same topology update).
+        """
+        if mask is not None:
+            mask = mask.reshape(-1).to(device=p.device, dtype=torch.bool)
+            if mask.numel() != p.numel():
+                raise ValueError(f"train mask has {mask.numel()} entries, parameter has {p.numel()}")
+        st = self.state[p]
+        old = self.train_mask(p)
+        for k in self.moment_names:
+            if k in st:
+                full = torch.zeros(p.numel(), dtype=st[k].dtype, device=p.device)
+                if old is None:
+                    full.copy_(st[k])
+                else:
+                    full[old] = st[k]
+                if reset is not None:
+                    full[reset.reshape(-1).to(full.device, torch.bool)] = 0
+                st[k] = full if mask is None else full[mask].clone()
+        if mask is None:
+            st.pop("mask_bits", None)
+        else:
+            st["mask_bits"] = pack_bits(mask)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                st = self._moments(p)
+                mask = self.train_mask(p)
+                flat = p.data.view(-1)
+                g = p.grad.reshape(-1)
+                if mask is None:
+                    st["step"] += 1
+                    self._update(flat, g, st, group)
+                    continue
+                idx = mask.nonzero().squeeze(1)
+                st["step"] += 1
+                w = flat.index_select(0, idx)
+                self._update(w, g.index_select(0, idx).to(w.dtype), st, group)
+                flat.index_copy_(0, idx, w)
+        return loss
+
+    def _update(self, w: torch.Tensor, g: torch.Tensor, st: dict[str, Any], group: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    def state_bytes(self) -> int:
+        """Bytes held in optimizer state tensors (moments, masks, step counters)."""
+        total = 0
+        for st in self.state.values():
+            for v in st.values():
+                if torch.is_tensor(v):
+                    total += v.numel() * v.element_size()
+        return total
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """torch casts state to the parameter dtype on load: give the bitmask its uint8 back."""
+        super().load_state_dict(state_dict)
+        for p, st in self.state.items():
+            if "mask_bits" in st:
+                bits = st["mask_bits"]
+                if bits.dtype != torch.uint8:
+                    if bool(((bits < 0) | (bits > 255) | (bits != bits.round())).any()):
+                        raise ValueError("corrupt mask_bits in optimizer state")
+                    st["mask_bits"] = bits.to(torch.uint8)
+            n_active = self._active_count(p)
+            for k in self.moment_names:
+                if k in st and st[k].numel() != n_active:
+                    raise ValueError(f"optimizer state {k!r} has {st[k].numel()} entries, mask has {n_active}")
+
+
+class CompactAdamW(CompactOptimizer):
+    """AdamW (Loshchilov & Hutter, 2019) with moments for TRAIN entries only.
+
+    Same arithmetic as ``torch.optim.AdamW`` (decoupled weight decay, bias correction by the
+    parameter's step count); regrown entries start with zero moments at the current step.
+    """
+
+    moment_names = ("exp_avg", "exp_avg_sq")
+
+    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2):
+        if lr < 0 or eps < 0 or weight_decay < 0 or not all(0 <= b < 1 for b in betas):
+            raise ValueError(f"invalid AdamW hyper-parameters lr={lr} betas={betas} eps={eps} wd={weight_decay}")
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
+
+    def _update(self, w, g, st, group):
+        lr, (b1, b2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+        step = float(st["step"])
+        w.mul_(1 - lr * wd)
+        st["exp_avg"].lerp_(g, 1 - b1)
+        st["exp_avg_sq"].mul_(b2).addcmul_(g, g, value=1 - b2)
+        bc1 = 1 - b1**step
+        bc2_sqrt = (1 - b2**step) ** 0.5
+        denom = (st["exp_avg_sq"].sqrt() / bc2_sqrt).add_(eps)
+        w.addcdiv_(st["exp_avg"], denom, value=-lr / bc1)
+
+
+class CompactSGD(CompactOptimizer):
+    """SGD with momentum (``torch.optim.SGD`` semantics) with a momentum buffer for TRAIN entries only."""
+
+    moment_names = ("momentum_buffer",)
+
+    def __init__(self, params, lr: float = 1e-2, momentum: float = 0.9, dampening: float = 0.0,
+                 weight_decay: float = 0.0, nesterov: bool = False):
+        if lr < 0 or momentum < 0 or weight_decay < 0:
+            raise ValueError(f"invalid SGD hyper-parameters lr={lr} momentum={momentum} wd={weight_decay}")
+        if nesterov and (momentum <= 0 or dampening != 0):
+            raise ValueError("Nesterov momentum requires a momentum and zero dampening")
+        super().__init__(params, dict(lr=lr, momentum=momentum, dampening=dampening,
+                                      weight_decay=weight_decay, nesterov=nesterov))
+
+    def _update(self, w, g, st, group):
+        lr, mom, damp = group["lr"], group["momentum"], group["dampening"]
+        if group["weight_decay"]:
+            g = g.add(w, alpha=group["weight_decay"])
+        if mom:
+            buf = st["momentum_buffer"]
+            if float(st["step"]) == 1:
+                buf.copy_(g)
+            else:
+                buf.mul_(mom).add_(g, alpha=1 - damp)
+            g = g.add(buf, alpha=mom) if group["nesterov"] else buf
+        w.add_(g, alpha=-lr)
