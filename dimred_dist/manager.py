@@ -153,8 +153,11 @@ class DimRedManager:
             self.adapter.sync_optimizer(self.optimizer, self.ctx.views, self.ctx.state, self.ctx.regrown)
         self.ctx.regrown.clear()
 
-    def attach(self, optimizer: torch.optim.Optimizer):
+    def attach(self, optimizer: torch.optim.Optimizer, *, pre_step: bool = True):
         """Hook a plain torch optimizer: mask gradients before, enforce weights after its step.
+
+        If you clip gradients, the norm must see masked gradients: pass ``pre_step=False`` and call
+        :meth:`before_optimizer_step` yourself between ``backward()`` and the clipping.
 
         A :class:`~dimred_dist.optim.CompactOptimizer` also gets the TRAIN masks, now and after
         every topology change, so it keeps state for TRAIN entries only. Returns the two hook
@@ -163,31 +166,34 @@ class DimRedManager:
         self._require_prepared()
         self.optimizer = optimizer
         self.sync_optimizer()
-        pre = optimizer.register_step_pre_hook(lambda *_: self.before_optimizer_step())
+        pre = optimizer.register_step_pre_hook(lambda *_: self.before_optimizer_step()) if pre_step else None
         post = optimizer.register_step_post_hook(lambda *_: self.after_optimizer_step())
         return pre, post
 
     # ---- observation ---------------------------------------------------------------------
     def global_counts(self) -> dict[str, torch.Tensor]:
-        """Per layer: global (train, freeze, prune) counts, summed over ranks where sharded."""
+        """Per layer: global (train, freeze, prune) counts (one small all-reduce where sharded)."""
         names = list(self.ctx.views)
         rows = []
         for n in names:
-            v, ps = self.ctx.views[n], self.ctx.state[n]
-            c = ps.counts()
-            row = [c[k] for k in sorted(c)]
-            rows.append(row if not v.replicated or self.adapter.topology.rank == 0 else [0, 0, 0])
+            c = self.ctx.state[n].counts()
+            rows.append([c[k] for k in sorted(c)])
         total = self.ctx.coll.all_reduce_sum(torch.tensor(rows, dtype=torch.int64).reshape(len(names), 3))
         return {n: total[i] for i, n in enumerate(names)}
 
     def metrics(self) -> dict[str, float]:
-        """Flat metrics dict: overall and per-layer density, state fractions, update time."""
+        """Flat metrics dict: overall and per-layer density, state fractions, update time.
+
+        ``density`` counts entries that are not pruned (TRAIN and FREEZE); ``train_fraction`` counts
+        TRAIN entries only, so a freezing method shows density 1 and a small train fraction.
+        """
         counts = self.global_counts()
         out: dict[str, float] = {}
         tot = torch.zeros(3, dtype=torch.int64)
         for name, c in counts.items():
             n = int(c.sum())
             out[f"dimred/density/{name}"] = float(c[0] + c[1]) / n
+            out[f"dimred/train_fraction/{name}"] = float(c[0]) / n
             tot += c
         n = int(tot.sum())
         out["dimred/density"] = float(tot[0] + tot[1]) / n
@@ -203,9 +209,10 @@ class DimRedManager:
         names = [n for n, v in self.ctx.views.items() if v.replicated]
         if not names:
             return
+        coll = self.adapter.check_collectives
         sums = torch.tensor([_checksum(self.ctx.state[n].codes()) for n in names], dtype=torch.int64)
-        hi = self.ctx.coll.all_reduce_max(sums)
-        lo = -self.ctx.coll.all_reduce_max(-sums)
+        hi = coll.all_reduce_max(sums)
+        lo = -coll.all_reduce_max(-sums)
         bad = [n for n, a, b in zip(names, hi.tolist(), lo.tolist()) if a != b]
         if bad:
             raise RuntimeError(f"ranks disagree on the topology of {bad[:5]} at step {self.step}")

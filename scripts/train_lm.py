@@ -33,8 +33,6 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 from transformers import GPT2Config, GPT2LMHeadModel
 
 import dimred_dist
-from dimred_dist.distributed.adapter import ReplicatedAdapter
-from dimred_dist.distributed.topology import Topology
 
 REPO = Path(__file__).resolve().parent.parent
 N_POSITIONS = 128
@@ -53,13 +51,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--val-blocks", type=int, default=512, help="validation blocks evaluated (0: all)")
     p.add_argument("--sample-tokens", type=int, default=160, help="bytes sampled from the model at the end (0: none)")
     p.add_argument("--seed", type=int, default=0, help="seed of model init and data order")
-    p.add_argument(
-        "--selection",
-        choices=("local", "ddp"),
-        default="local",
-        help="local: each rank selects its masks alone (identical by construction, checked by hashing); "
-        "ddp: dimred_dist's default DDP adapter (selection over the process group)",
-    )
     args = p.parse_args(argv)
     if not 2 <= args.seq_len <= N_POSITIONS:
         p.error(f"--seq-len must be in [2, {N_POSITIONS}], got {args.seq_len}")
@@ -158,17 +149,6 @@ def print_layers(layers: dict[str, dict]) -> None:
         )
 
 
-def make_adapter(selection: str) -> ReplicatedAdapter | None:
-    """The manager's view of the distribution (None: dimred_dist's default, the process group).
-
-    dimred_dist at f91c48a sums the top-k histograms of *replicated* DDP views over the ranks, so
-    every key is counted world_size times and prepare() fails with "keys are not unique". The masks
-    depend only on the recipe's seed, parameter names and indices, so a single-process topology on
-    every rank selects the same masks without communicating; the hashes below check that.
-    """
-    return ReplicatedAdapter(Topology()) if selection == "local" else None
-
-
 def _identical_across_ranks(tensors: dict[str, torch.Tensor]) -> bool:
     h = hashlib.sha256()
     for name, t in sorted(tensors.items()):
@@ -210,12 +190,8 @@ def main() -> None:
     val = data.val[: args.val_blocks] if args.val_blocks else data.val
     model = build_model(args.seed)
     recipe = dimred_dist.load_recipe(args.recipe)
-    manager = dimred_dist.DimRedManager(
-        recipe, model, adapter=make_adapter(args.selection), total_steps=args.max_steps
-    ).prepare()
+    manager = dimred_dist.DimRedManager(recipe, model, total_steps=args.max_steps).prepare()
     manager.check_agreement()
-    if not masks_identical_across_ranks(manager):
-        raise RuntimeError("ranks computed different masks")
     ddp = DistributedDataParallel(model)
     optimizer = torch.optim.AdamW(ddp.parameters(), lr=args.lr, weight_decay=0.01)
     manager.attach(optimizer)

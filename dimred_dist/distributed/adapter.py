@@ -20,11 +20,17 @@ class ReplicatedAdapter:
         self.topology = topology or Topology.detect()
         if self.topology.zero_stage != 0:
             raise ValueError(f"ReplicatedAdapter serves ZeRO stage 0 only, got {self.topology.zero_stage}")
-        self._coll = self.topology.collectives()
+        self._check_coll = self.topology.collectives()
 
     @property
     def collectives(self) -> Collectives:
-        return self._coll
+        """Collectives for selection and counting: identities, since every rank holds every entry."""
+        return Collectives()
+
+    @property
+    def check_collectives(self) -> Collectives:
+        """Collectives across the replicas, to verify that they agree."""
+        return self._check_coll
 
     def views(self, params: dict[str, nn.Parameter]) -> dict[str, ShardView]:
         return full_views(params, replicated=self.topology.distributed)

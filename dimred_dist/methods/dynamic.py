@@ -109,10 +109,7 @@ class SET(RandomPruning):
             ctx.regrown[name] = grown[name]
             changed += int((ctx.state[name].keep ^ old[name]).sum())
         total = sum(v.numel for v in ctx.views.values())
-        if any(v.replicated for v in ctx.views.values()):
-            changed_total = int(changed)
-        else:
-            changed_total = int(ctx.coll.all_reduce_sum(changed))
+        changed_total = int(ctx.coll.all_reduce_sum(changed))
         return {"dimred/churn": changed_total / total, "dimred/drop_fraction": frac}
 
 
