@@ -231,5 +231,5 @@ class DimRedManager:
 
 
 def _checksum(codes: torch.Tensor) -> int:
-    idx = torch.arange(codes.numel(), dtype=torch.int64)
+    idx = torch.arange(1, codes.numel() + 1, dtype=torch.int64)
     return int(((codes.to(torch.int64) + 1) * ((idx * 2654435761) % 2147483647)).sum() % (1 << 61))

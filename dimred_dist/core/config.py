@@ -82,7 +82,7 @@ class Recipe:
         self.sparsity = float(self.sparsity)
         if self.distribution not in DISTRIBUTIONS:
             raise ValueError(f"unknown sparsity distribution {self.distribution!r}; known: {', '.join(DISTRIBUTIONS)}")
-        if not isinstance(self.seed, int) or self.seed < 0:
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
         self.targets = build_dataclass(TargetConfig, self.targets, "targets")
         method_cls = get_method(self.method)

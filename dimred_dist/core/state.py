@@ -158,5 +158,9 @@ class DimRedState:
                 raise ValueError(
                     f"{name}: saved shape {shape} range {rng} != current shape {ps.shape} range {(ps.start, ps.end)}"
                 )
+            for key in ("keep", "train"):
+                t = sd[f"{name}.{key}"]
+                if t.dtype != torch.bool or t.shape != (ps.local_numel,):
+                    raise ValueError(f"{name}.{key}: expected bool ({ps.local_numel},), got {t.dtype} {tuple(t.shape)}")
             ps.keep.copy_(sd[f"{name}.keep"])
             ps.train.copy_(sd[f"{name}.train"] & ps.keep)
