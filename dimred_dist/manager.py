@@ -54,7 +54,9 @@ class DimRedManager:
         self.total_steps = total_steps
         self.method: Method = get_method(recipe.method)(recipe)
         self.step = 0
-        self.params = select_parameters(model, recipe.targets)
+        self.params = {n: p for n, p in select_parameters(model, recipe.targets).items() if p.requires_grad}
+        if not self.params:
+            raise ValueError("every parameter matched by the targets has requires_grad=False: nothing to manage")
         self.ctx: MethodContext | None = None
         self._frozen: dict[str, torch.Tensor] = {}
         self._last_update: dict[str, float] = {}
@@ -108,7 +110,7 @@ class DimRedManager:
             t0 = time.perf_counter()
             self._last_update = self.method.update(self.ctx, self.step)
             self.update_seconds += time.perf_counter() - t0
-            self.apply_masks()
+            self.apply_masks(propagate=False)
             self.sync_optimizer()
         self.mask_gradients()
 
@@ -116,6 +118,9 @@ class DimRedManager:
         """Keep PRUNE entries at 0 and FREEZE entries at their frozen value; count the step."""
         self._require_prepared()
         self.enforce_weights()
+        self.count_step()
+
+    def count_step(self) -> None:
         self.step += 1
 
     def mask_gradients(self) -> None:
@@ -125,8 +130,12 @@ class DimRedManager:
                 g.masked_fill_(~self.ctx.state[name].train, 0.0)
 
     @torch.no_grad()
-    def apply_masks(self) -> None:
-        """Zero pruned entries and remember the values of frozen entries (after a topology change)."""
+    def apply_masks(self, *, propagate: bool = True) -> None:
+        """Zero pruned entries and remember the values of frozen entries (after a topology change).
+
+        ``propagate`` copies the edited masters into every weight copy the framework keeps; inside
+        an optimizer step that copy happens anyway.
+        """
         self._frozen.clear()
         for name, v in self.ctx.views.items():
             ps = self.ctx.state[name]
@@ -135,17 +144,20 @@ class DimRedManager:
             freeze = ps.freeze_mask()
             if bool(freeze.any()):
                 self._frozen[name] = w[freeze].clone()
-            v.after_weight_edit()
+        if propagate:
+            self.adapter.weights_edited()
 
     @torch.no_grad()
-    def enforce_weights(self) -> None:
+    def enforce_weights(self, flats: set[int] | None = None) -> None:
+        """Zero PRUNE and restore FREEZE entries (only of views on the flat tensors ``flats``, if given)."""
         for name, v in self.ctx.views.items():
+            if flats is not None and id(getattr(v, "flat", None)) not in flats:
+                continue
             ps = self.ctx.state[name]
             w = v.weight()
             w.masked_fill_(~ps.keep, 0.0)
             if name in self._frozen:
                 w[ps.freeze_mask()] = self._frozen[name]
-            v.after_weight_edit()
 
     def sync_optimizer(self) -> None:
         """Give a compact optimizer the current TRAIN masks (regrown entries restart their moments)."""
@@ -153,22 +165,28 @@ class DimRedManager:
             self.adapter.sync_optimizer(self.optimizer, self.ctx.views, self.ctx.state, self.ctx.regrown)
         self.ctx.regrown.clear()
 
-    def attach(self, optimizer: torch.optim.Optimizer, *, pre_step: bool = True):
-        """Hook a plain torch optimizer: mask gradients before, enforce weights after its step.
+    def attach(self, optimizer: Any, *, pre_step: bool = True) -> DimRedManager:
+        """Run the manager around every optimizer step.
 
-        If you clip gradients, the norm must see masked gradients: pass ``pre_step=False`` and call
-        :meth:`before_optimizer_step` yourself between ``backward()`` and the clipping.
+        * plain PyTorch / DDP: ``optimizer`` is the torch optimizer; gradients are masked in a step
+          pre-hook and weights enforced in a post-hook. If you clip gradients, the norm must see
+          masked gradients: pass ``pre_step=False`` and call :meth:`before_optimizer_step` yourself
+          between ``backward()`` and the clipping.
+        * DeepSpeed ZeRO: ``optimizer`` is the engine (or its optimizer); the adapter hooks the
+          ZeRO step itself (before the norm, and after the client optimizer's update).
 
-        A :class:`~dimred_dist.optim.CompactOptimizer` also gets the TRAIN masks, now and after
-        every topology change, so it keeps state for TRAIN entries only. Returns the two hook
-        handles (call ``.remove()`` on them to detach).
+        A :class:`~dimred_dist.optim.CompactOptimizer` gets the TRAIN masks now and after every
+        topology change, so it keeps state for TRAIN entries only.
         """
         self._require_prepared()
-        self.optimizer = optimizer
+        self.optimizer = self.adapter.install(self, optimizer, pre_step=pre_step)
         self.sync_optimizer()
-        pre = optimizer.register_step_pre_hook(lambda *_: self.before_optimizer_step()) if pre_step else None
-        post = optimizer.register_step_post_hook(lambda *_: self.after_optimizer_step())
-        return pre, post
+        return self
+
+    def detach(self) -> None:
+        """Remove the step hooks installed by :meth:`attach`."""
+        self.adapter.uninstall()
+        self.optimizer = None
 
     # ---- observation ---------------------------------------------------------------------
     def global_counts(self) -> dict[str, torch.Tensor]:

@@ -151,8 +151,8 @@ def test_removed_hooks_stop_enforcement():
     model = mlp()
     mgr = DimRedManager(recipe("random", 0.7), model).prepare()
     opt = torch.optim.AdamW(model.parameters(), lr=0.05)
-    for h in mgr.attach(opt):
-        h.remove()
+    mgr.attach(opt)
+    mgr.detach()
     _train(model, opt, _batches(2))
     assert mgr.step == 0
     assert not _is_plus_zero(model[0].weight.detach().reshape(-1)[mgr.state["0.weight"].prune_mask()])

@@ -64,6 +64,8 @@ class Recipe:
         distribution: How the budget is split across layers: ``uniform``, ``erk`` or ``global``.
         seed: Seed of every random choice (masks are reproducible across world sizes).
         targets: Which parameters are managed.
+        freeze: Regular expressions of parameter names frozen as whole tensors (``requires_grad=False``
+            before the optimizer / engine is built, so nothing is allocated for them).
         args: Method hyper-parameters; validated into the method's config dataclass.
     """
 
@@ -72,6 +74,7 @@ class Recipe:
     distribution: str = "erk"
     seed: int = 0
     targets: TargetConfig = field(default_factory=TargetConfig)
+    freeze: list[str] = field(default_factory=list)
     args: Any = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -85,6 +88,8 @@ class Recipe:
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
         self.targets = build_dataclass(TargetConfig, self.targets, "targets")
+        if not isinstance(self.freeze, list) or not all(isinstance(p, str) for p in self.freeze):
+            raise TypeError(f"freeze must be a list of regular expressions, got {self.freeze!r}")
         method_cls = get_method(self.method)
         self.method = method_cls.method_name
         self.args = build_dataclass(method_cls.config_cls, self.args, f"args of method {self.method!r}")

@@ -83,3 +83,29 @@ def select_parameters(model: nn.Module, targets: TargetConfig) -> dict[str, nn.P
         )
     order = {n: i for i, (n, _) in enumerate(model.named_parameters())}
     return dict(sorted(selected.items(), key=lambda kv: order[kv[0]]))
+
+
+def freeze_whole_tensors(model: nn.Module, patterns: list[str]) -> list[str]:
+    """Set ``requires_grad=False`` on every parameter whose name matches one of ``patterns``.
+
+    Call it before the optimizer or the DeepSpeed engine is built: then no gradient, fp32 master or
+    optimizer state is ever allocated for these tensors. Returns the frozen names.
+
+    Raises:
+        ValueError: If a pattern is invalid or matches no parameter.
+    """
+    names = [n for n, _ in model.named_parameters()]
+    frozen: list[str] = []
+    for pattern in patterns:
+        try:
+            rx = re.compile(pattern)
+        except re.error as e:
+            raise ValueError(f"freeze: invalid regular expression {pattern!r}: {e}") from None
+        hits = [n for n in names if rx.search(n)]
+        if not hits:
+            raise ValueError(f"freeze: pattern {pattern!r} matches no parameter; parameters look like {names[:5]}")
+        frozen.extend(h for h in hits if h not in frozen)
+    params = dict(model.named_parameters())
+    for n in frozen:
+        params[n].requires_grad_(False)
+    return frozen

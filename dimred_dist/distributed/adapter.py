@@ -6,6 +6,7 @@ The ZeRO adapters subclass it and add the step hooks DeepSpeed needs.
 
 from __future__ import annotations
 
+import torch
 import torch.nn as nn
 
 from dimred_dist.distributed.collectives import Collectives
@@ -21,6 +22,7 @@ class ReplicatedAdapter:
         if self.topology.zero_stage != 0:
             raise ValueError(f"ReplicatedAdapter serves ZeRO stage 0 only, got {self.topology.zero_stage}")
         self._check_coll = self.topology.collectives()
+        self._handles: list = []
 
     @property
     def collectives(self) -> Collectives:
@@ -42,3 +44,25 @@ class ReplicatedAdapter:
             if id(v.param) not in owned:
                 raise ValueError(f"managed parameter {name!r} is not among the optimizer's parameters")
             optimizer.set_train_mask(v.param, state[name].train, reset=reset.get(name))
+
+    def install(self, manager, optimizer: torch.optim.Optimizer, *, pre_step: bool = True) -> torch.optim.Optimizer:
+        """Hook a torch optimizer: manager work before (optional) and after each step."""
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(
+                f"expected a torch.optim.Optimizer, got {type(optimizer).__name__}; under DeepSpeed build the manager "
+                "with dimred_dist.distributed.zero.ZeroAdapter(engine)"
+            )
+        self.uninstall()
+        if pre_step:
+            self._handles.append(optimizer.register_step_pre_hook(lambda *_: manager.before_optimizer_step()))
+        self._handles.append(optimizer.register_step_post_hook(lambda *_: manager.after_optimizer_step()))
+        return optimizer
+
+    def uninstall(self) -> None:
+        """Remove the hooks :meth:`install` added."""
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def weights_edited(self) -> None:
+        """Nothing to propagate: the views are the module's own parameters."""

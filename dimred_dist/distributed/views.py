@@ -52,9 +52,6 @@ class ShardView:
         """Local 1-D slice of the (reduced) gradient, or None when there is none yet."""
         raise NotImplementedError
 
-    def after_weight_edit(self) -> None:
-        """Propagate an in-place edit of :meth:`weight` to every copy the framework keeps."""
-
 
 class FullView(ShardView):
     """The whole parameter on this rank: a single process, or a DDP replica."""

@@ -1,0 +1,1 @@
+"""Thin integrations: DeepSpeed, the HF Trainer, accelerate, W&B. Each only calls the manager."""
