@@ -1,0 +1,94 @@
+"""Hugging Face Trainer integration: a thin callback around :class:`~dimred_dist.DimRedManager`.
+
+Three added lines in a Trainer script::
+
+    recipe = dimred_dist.load_recipe("configs/rigl_90.yaml")
+    trainer = Trainer(model=model, args=args, train_dataset=ds,
+                      callbacks=[DimRedCallback(recipe)],
+                      optimizer_cls_and_kwargs=compact_optimizer(args))
+
+Under DeepSpeed (``TrainingArguments(deepspeed=...)`` or ``accelerate launch`` with a DeepSpeed
+config) the manager runs inside the ZeRO step, before the norm. The DeepSpeed config must not have
+an ``optimizer`` section: DeepSpeed would then build its own dense optimizer, and a Trainer given
+``optimizers=(instance, None)`` silently drops the instance; ``optimizer_cls_and_kwargs`` reaches
+the engine.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from transformers import TrainerCallback
+
+from dimred_dist.core.config import Recipe, load_recipe
+from dimred_dist.core.logging import get_logger
+from dimred_dist.core.targets import freeze_whole_tensors
+from dimred_dist.manager import DimRedManager
+from dimred_dist.optim.compact import CompactAdamW
+
+logger = get_logger(__name__)
+
+__all__ = ["DimRedCallback", "compact_optimizer"]
+
+
+def compact_optimizer(args: Any) -> tuple[type, dict[str, Any]]:
+    """``optimizer_cls_and_kwargs`` for the Trainer: CompactAdamW with the TrainingArguments' settings."""
+    return CompactAdamW, {
+        "lr": args.learning_rate,
+        "betas": (args.adam_beta1, args.adam_beta2),
+        "eps": args.adam_epsilon,
+        "weight_decay": args.weight_decay,
+    }
+
+
+def _deepspeed_engine_optimizer(optimizer: Any) -> Any | None:
+    """The ZeRO optimizer if ``optimizer`` wraps one (accelerate's DeepSpeedOptimizerWrapper), else None."""
+    obj = optimizer
+    for _ in range(3):
+        if obj is None:
+            return None
+        if type(obj).__name__.startswith(("DeepSpeedZeroOptimizer", "BF16_Optimizer")):
+            return obj
+        obj = getattr(obj, "optimizer", None)
+    return None
+
+
+class DimRedCallback(TrainerCallback):
+    """Applies a recipe during ``Trainer.train()`` and adds the manager's metrics to the logs.
+
+    Args:
+        recipe: A :class:`~dimred_dist.Recipe` or the path of a recipe YAML file.
+    """
+
+    def __init__(self, recipe: Recipe | str) -> None:
+        self.recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+        self.manager: DimRedManager | None = None
+
+    def on_init_end(self, args, state, control, model=None, **kwargs):
+        if self.recipe.freeze:
+            names = freeze_whole_tensors(model, self.recipe.freeze)
+            logger.info("dimred: froze %d whole tensors before the optimizer is built", len(names))
+
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        if self.manager is not None:
+            return
+        zero = _deepspeed_engine_optimizer(optimizer)
+        if zero is not None:
+            from dimred_dist.distributed.zero import ZeroAdapter
+
+            adapter = ZeroAdapter(zero, module=model)
+            self.manager = DimRedManager(self.recipe, model, adapter=adapter, total_steps=state.max_steps).prepare()
+            self.manager.attach(zero)
+            return
+        if args.max_grad_norm and args.max_grad_norm > 0:
+            logger.warning(
+                "dimred: without DeepSpeed the Trainer clips gradients before the manager masks them, so the norm "
+                "includes pruned and frozen entries; set max_grad_norm=0 or use DeepSpeed for exact clipping"
+            )
+        inner = getattr(optimizer, "optimizer", optimizer)
+        self.manager = DimRedManager(self.recipe, model, total_steps=state.max_steps).prepare()
+        self.manager.attach(inner)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self.manager is not None and logs is not None:
+            logs.update(self.manager.metrics())

@@ -1,0 +1,77 @@
+"""A Trainer script with dimred_dist added in three lines; launched by the integration tests.
+
+    deepspeed --num_gpus 2 tests/integrations/hf_trainer_script.py --out DIR --zero-config ds.json
+    accelerate launch --config_file acc.yaml tests/integrations/hf_trainer_script.py --out DIR
+
+Writes DIR/result_rank<r>.json: the optimizer class inside the engine, the manager's metrics, the
+number of steps, and the largest |w| over pruned entries of the gathered full parameters.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from datasets import Dataset
+from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
+
+import dimred_dist
+from dimred_dist.integrations.hf import DimRedCallback, compact_optimizer
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--out", required=True)
+    p.add_argument("--zero-config", default=None, help="DeepSpeed JSON passed to TrainingArguments (deepspeed launcher)")
+    p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--bf16", action="store_true")
+    p.add_argument("--local_rank", type=int, default=-1)
+    a = p.parse_args()
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, n_positions=16, vocab_size=61))
+    ids = torch.randint(0, 61, (64, 16), generator=torch.Generator().manual_seed(1))
+    ds = Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist()})
+    args = TrainingArguments(
+        output_dir=a.out, max_steps=a.steps, per_device_train_batch_size=2, learning_rate=1e-3,
+        logging_steps=2, save_strategy="no", report_to=[], use_cpu=True, deepspeed=a.zero_config,
+        bf16=a.bf16, disable_tqdm=True, max_grad_norm=1.0, seed=0,
+    )
+    recipe = dimred_dist.load_recipe({"method": "rigl", "sparsity": 0.8, "args": {"update_interval": 2}})  # line 1
+    callback = DimRedCallback(recipe)  # line 2
+    trainer = Trainer(model=model, args=args, train_dataset=ds, callbacks=[callback],
+                      optimizer_cls_and_kwargs=compact_optimizer(args))  # line 3
+    trainer.train()
+
+    mgr = callback.manager
+    engine = trainer.model_wrapped
+    zero = getattr(engine, "optimizer", None)
+    inner = type(getattr(zero, "optimizer", zero)).__name__
+    stage = mgr.adapter.topology.zero_stage
+    max_pruned = 0.0
+    for name, v in mgr.views.items():
+        param = dict(engine.module.named_parameters())[name] if hasattr(engine, "module") else None
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([param], enabled=stage == 3):
+            full = param.detach().float().reshape(-1)[v.start : v.end].clone()
+        pruned = full[~mgr.state[name].keep]
+        max_pruned = max(max_pruned, float(pruned.abs().max()) if pruned.numel() else 0.0)
+    result = {
+        "rank": dist.get_rank(), "world_size": dist.get_world_size(), "engine": type(engine).__name__,
+        "zero_optimizer": type(zero).__name__, "inner_optimizer": inner, "zero_stage": stage,
+        "manager_step": mgr.step, "global_step": trainer.state.global_step, "metrics": mgr.metrics(),
+        "max_abs_pruned": max_pruned, "opt_state_bytes": mgr.optimizer.state_bytes(),
+        "logged_density": [h.get("dimred/density") for h in trainer.state.log_history if "dimred/density" in h],
+    }
+    Path(a.out, f"result_rank{dist.get_rank()}.json").write_text(json.dumps(result, indent=1))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    main()
