@@ -16,6 +16,7 @@ the engine.
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 from transformers import TrainerCallback
@@ -65,6 +66,7 @@ class DimRedCallback(TrainerCallback):
         self.manager: DimRedManager | None = None
 
     def on_init_end(self, args, state, control, model=None, **kwargs):
+        _move_to_front(self)
         if self.recipe.freeze:
             names = freeze_whole_tensors(model, self.recipe.freeze)
             logger.info("dimred: froze %d whole tensors before the optimizer is built", len(names))
@@ -90,5 +92,31 @@ class DimRedCallback(TrainerCallback):
         self.manager.attach(inner)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
+        # Every rank logs (metrics() holds a collective); the Trainer appended a copy of ``logs`` to
+        # the history just before calling back, so that copy gets the metrics too.
         if self.manager is not None and logs is not None:
-            logs.update(self.manager.metrics())
+            metrics = self.manager.metrics()
+            logs.update(metrics)
+            if state.log_history:
+                state.log_history[-1].update(metrics)
+
+
+def _move_to_front(callback: TrainerCallback) -> None:
+    """Put ``callback`` first among the Trainer's callbacks, so ``on_log`` adds the metrics before the
+    reporting callbacks (W&B, TensorBoard, ...) read the logs. The Trainer adds default callbacks
+    first and hands callbacks no handle on the list, so the calling CallbackHandler is looked up on
+    the stack; if it is not found the order stays and a warning says so.
+    """
+    frame = inspect.currentframe()
+    try:
+        while frame is not None:
+            handler = frame.f_locals.get("self")
+            callbacks = getattr(handler, "callbacks", None)
+            if isinstance(callbacks, list) and any(c is callback for c in callbacks):
+                callbacks.remove(callback)
+                callbacks.insert(0, callback)
+                return
+            frame = frame.f_back
+    finally:
+        del frame
+    logger.warning("dimred: could not reorder the Trainer callbacks; reporters may log before the dimred metrics")

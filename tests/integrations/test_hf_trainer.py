@@ -2,7 +2,8 @@
 
 Each case runs tests/integrations/hf_trainer_script.py as 2 CPU processes and checks what the ranks
 wrote: the compact optimizer really sits inside the ZeRO engine, the manager counted every step,
-pruned entries of the gathered weights are exactly 0, and the ranks agree on the metrics.
+pruned entries of the gathered weights are exactly 0, the density reached the Trainer's log
+history, and the ranks agree on the metrics.
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ def test_trainer_runs_compact_optimizer_inside_zero(tmp_path, launcher, stage, p
         assert r["manager_step"] == r["global_step"] == 6
         assert r["max_abs_pruned"] == 0.0
         assert r["metrics"]["dimred/density"] == pytest.approx(0.2, abs=1e-4)
+        assert r["logged_density"] and all(d == pytest.approx(0.2, abs=1e-4) for d in r["logged_density"])
         assert r["metrics"]["dimred/churn"] > 0  # RigL updated the topology during the run
     assert r0["metrics"] == pytest.approx(r1["metrics"], rel=0, abs=0.0) or _same_but_time(r0, r1)
 
