@@ -64,9 +64,11 @@ class DimRedCallback(TrainerCallback):
     def __init__(self, recipe: Recipe | str) -> None:
         self.recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
         self.manager: DimRedManager | None = None
+        self._trainer = None
 
     def on_init_end(self, args, state, control, model=None, **kwargs):
         _move_to_front(self)
+        self._trainer = _find_on_stack(lambda obj: hasattr(obj, "accelerator") and hasattr(obj, "callback_handler"))
         if self.recipe.freeze:
             names = freeze_whole_tensors(model, self.recipe.freeze)
             logger.info("dimred: froze %d whole tensors before the optimizer is built", len(names))
@@ -82,14 +84,26 @@ class DimRedCallback(TrainerCallback):
             self.manager = DimRedManager(self.recipe, model, adapter=adapter, total_steps=state.max_steps).prepare()
             self.manager.attach(zero)
             return
-        if args.max_grad_norm and args.max_grad_norm > 0:
-            logger.warning(
-                "dimred: without DeepSpeed the Trainer clips gradients before the manager masks them, so the norm "
-                "includes pruned and frozen entries; set max_grad_norm=0 or use DeepSpeed for exact clipping"
-            )
         inner = getattr(optimizer, "optimizer", optimizer)
         self.manager = DimRedManager(self.recipe, model, total_steps=state.max_steps).prepare()
-        self.manager.attach(inner)
+        accelerator = getattr(getattr(self, "_trainer", None), "accelerator", None)
+        if accelerator is None:
+            logger.warning(
+                "dimred: Trainer not found; gradients are masked in the optimizer's pre-step hook, after the Trainer "
+                "computed the gradient norm"
+            )
+            self.manager.attach(inner)
+            return
+        # Without DeepSpeed the Trainer computes the norm (and clips) through accelerator.clip_grad_norm_
+        # exactly once per optimizer step, before optimizer.step(): mask there so the norm sees TRAIN only.
+        self.manager.attach(inner, pre_step=False)
+        clip = accelerator.clip_grad_norm_
+
+        def masked_clip_grad_norm_(*a, **kw):
+            self.manager.before_optimizer_step()
+            return clip(*a, **kw)
+
+        accelerator.clip_grad_norm_ = masked_clip_grad_norm_
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         # Every rank logs (metrics() holds a collective); the Trainer appended a copy of ``logs`` to
@@ -101,22 +115,29 @@ class DimRedCallback(TrainerCallback):
                 state.log_history[-1].update(metrics)
 
 
-def _move_to_front(callback: TrainerCallback) -> None:
-    """Put ``callback`` first among the Trainer's callbacks, so ``on_log`` adds the metrics before the
-    reporting callbacks (W&B, TensorBoard, ...) read the logs. The Trainer adds default callbacks
-    first and hands callbacks no handle on the list, so the calling CallbackHandler is looked up on
-    the stack; if it is not found the order stays and a warning says so.
-    """
+def _find_on_stack(predicate) -> Any | None:
+    """The first ``self`` of a calling frame that satisfies ``predicate`` (the Trainer hands callbacks
+    no handle on itself or on its callback list, so ``on_init_end`` looks them up on the stack)."""
     frame = inspect.currentframe()
     try:
         while frame is not None:
-            handler = frame.f_locals.get("self")
-            callbacks = getattr(handler, "callbacks", None)
-            if isinstance(callbacks, list) and any(c is callback for c in callbacks):
-                callbacks.remove(callback)
-                callbacks.insert(0, callback)
-                return
+            obj = frame.f_locals.get("self")
+            if obj is not None and predicate(obj):
+                return obj
             frame = frame.f_back
     finally:
         del frame
-    logger.warning("dimred: could not reorder the Trainer callbacks; reporters may log before the dimred metrics")
+    return None
+
+
+def _move_to_front(callback: TrainerCallback) -> None:
+    """Put ``callback`` first among the Trainer's callbacks, so ``on_log`` adds the metrics before the
+    reporting callbacks (W&B, TensorBoard, ...) read the logs; the Trainer adds its defaults first."""
+    handler = _find_on_stack(
+        lambda obj: isinstance(getattr(obj, "callbacks", None), list) and any(c is callback for c in obj.callbacks)
+    )
+    if handler is None:
+        logger.warning("dimred: could not reorder the Trainer callbacks; reporters may log before the dimred metrics")
+        return
+    handler.callbacks.remove(callback)
+    handler.callbacks.insert(0, callback)
