@@ -62,7 +62,9 @@ class SET(RandomPruning):
 
     def initialize(self, ctx: MethodContext) -> None:
         if ctx.total_steps < 1:
-            raise ValueError(f"{self.method_name} needs the planned number of steps (total_steps), got {ctx.total_steps}")
+            raise ValueError(
+                f"{self.method_name} needs the planned number of steps (total_steps), got {ctx.total_steps}"
+            )
         cfg = self.config
         end = default_end_step(ctx.total_steps, cfg.end_fraction)
         self.schedule = PeriodicUpdate(interval=cfg.update_interval, end=end)
