@@ -30,6 +30,7 @@ from dimred_dist.core.state import DimRedState, ParamState
 from dimred_dist.core.targets import select_parameters
 from dimred_dist.distributed.adapter import ReplicatedAdapter
 from dimred_dist.methods.base import Method, MethodContext
+from dimred_dist.metrics import EverActive, compute_metrics
 from dimred_dist.optim.compact import CompactOptimizer
 
 logger = get_logger(__name__)
@@ -59,13 +60,21 @@ class DimRedManager:
             raise ValueError("every parameter matched by the targets has requires_grad=False: nothing to manage")
         self.ctx: MethodContext | None = None
         self._frozen: dict[str, torch.Tensor] = {}
-        self._last_update: dict[str, float] = {}
         self.optimizer = None
         self.update_seconds = 0.0
+        #: One record per topology update: ``step`` (0-based optimizer step it ran before), ``seconds``
+        #: and the method's metrics without the ``dimred/`` prefix (``churn``, ``drop_fraction``).
+        self.topology_history: list[dict[str, float]] = []
+        self._ever: EverActive | None = None
 
     # ---- set-up --------------------------------------------------------------------------
-    def prepare(self) -> DimRedManager:
-        """Build views and state, choose the initial topology and apply it to the weights."""
+    def prepare(self, *, resuming: bool = False) -> DimRedManager:
+        """Build views and state, choose the initial topology and apply it to the weights.
+
+        ``resuming=True`` leaves the weights alone: the method still sets up its schedules (and picks a
+        throwaway initial topology), and :func:`dimred_dist.distributed.checkpoint.load_dimred_state`
+        sets the saved topology next (masking trained weights with a fresh topology would destroy them).
+        """
         views = self.adapter.views(self.params)
         state = DimRedState({n: ParamState.dense(n, v.shape, v.start, v.end) for n, v in views.items()})
         shapes = {n: v.shape for n, v in views.items()}
@@ -81,7 +90,9 @@ class DimRedManager:
         t0 = time.perf_counter()
         self.method.initialize(self.ctx)
         self.update_seconds += time.perf_counter() - t0
-        self.apply_masks()
+        if not resuming:
+            self.apply_masks()
+        self._ever = EverActive(self.ctx.state) if self.method.dynamic else None
         logger.info(
             "dimred: %s at sparsity %.3f (%s) on %d parameters", self.recipe.method, self.recipe.sparsity,
             self.recipe.distribution, len(views),
@@ -108,8 +119,13 @@ class DimRedManager:
         self._require_prepared()
         if self.method.is_update_step(self.step):
             t0 = time.perf_counter()
-            self._last_update = self.method.update(self.ctx, self.step)
-            self.update_seconds += time.perf_counter() - t0
+            result = self.method.update(self.ctx, self.step)
+            seconds = time.perf_counter() - t0
+            self.update_seconds += seconds
+            record = {k.removeprefix("dimred/"): float(v) for k, v in result.items()}
+            self.topology_history.append({"step": float(self.step), "seconds": seconds, **record})
+            if self._ever is not None:
+                self._ever.update(self.ctx.state)
             self.apply_masks(propagate=False)
             self.sync_optimizer()
         self.mask_gradients()
@@ -200,27 +216,18 @@ class DimRedManager:
         return {n: total[i] for i, n in enumerate(names)}
 
     def metrics(self) -> dict[str, float]:
-        """Flat metrics dict: overall and per-layer density, state fractions, update time.
+        """Flat metrics dict (keys in :mod:`dimred_dist.metrics`), with one small all-reduce.
 
         ``density`` counts entries that are not pruned (TRAIN and FREEZE); ``train_fraction`` counts
-        TRAIN entries only, so a freezing method shows density 1 and a small train fraction.
+        TRAIN entries only, so a freezing method shows density 1 and a small train fraction. Churn is
+        reported with ``dimred/last_update_step``, the step of the update it belongs to. Every rank
+        must call it (it holds a collective); all ranks get the same values except the timing.
         """
-        counts = self.global_counts()
-        out: dict[str, float] = {}
-        tot = torch.zeros(3, dtype=torch.int64)
-        for name, c in counts.items():
-            n = int(c.sum())
-            out[f"dimred/density/{name}"] = float(c[0] + c[1]) / n
-            out[f"dimred/train_fraction/{name}"] = float(c[0]) / n
-            tot += c
-        n = int(tot.sum())
-        out["dimred/density"] = float(tot[0] + tot[1]) / n
-        out["dimred/fraction/train"] = float(tot[0]) / n
-        out["dimred/fraction/freeze"] = float(tot[1]) / n
-        out["dimred/fraction/prune"] = float(tot[2]) / n
-        out["dimred/topology_update_seconds"] = self.update_seconds
-        out.update(self._last_update)
-        return out
+        self._require_prepared()
+        return compute_metrics(
+            self.ctx.state, list(self.ctx.views), self.ctx.coll, ever=self._ever, optimizer=self.optimizer,
+            update_seconds=self.update_seconds, history=self.topology_history,
+        )
 
     def check_agreement(self) -> None:
         """Raise if replicated parameters' topologies differ between ranks (one small all-reduce)."""
@@ -244,6 +251,8 @@ class DimRedManager:
         self.method.load_state_dict(sd.get("method", {}))
         self.step = int(sd["step"])
         self.apply_masks()
+        if self._ever is not None:  # a checkpoint holds no ITOP history: count from the loaded topology
+            self._ever = EverActive(self.state)
         if self.optimizer is not None:
             self.sync_optimizer()
 

@@ -94,6 +94,8 @@ class Method:
     config_cls: ClassVar[type[MethodConfig]] = MethodConfig
     #: What the entries that are not selected at initialization become.
     init_state: ClassVar[ElementState] = ElementState.PRUNE
+    #: True if the topology changes during training (the manager then tracks the ITOP rate).
+    dynamic: ClassVar[bool] = False
 
     def __init__(self, recipe: Recipe) -> None:
         self.recipe = recipe

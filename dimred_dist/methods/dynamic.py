@@ -59,6 +59,7 @@ class SET(RandomPruning):
     """Drop smallest |w| among active entries, regrow uniformly at random among pruned ones."""
 
     config_cls = DynamicConfig
+    dynamic = True
 
     def initialize(self, ctx: MethodContext) -> None:
         if ctx.total_steps < 1:
