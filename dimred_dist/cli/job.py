@@ -1,0 +1,338 @@
+"""A training job: one YAML file with validated ``model``, ``data``, ``recipe``, ``deepspeed`` and
+``training`` sections.
+
+Everything here is checked when the job is loaded, before a model, dataset, process group or
+output folder exists: unknown keys and impossible values raise a ``ValueError`` (or
+``FileNotFoundError``) that names the section and key. Example::
+
+    model:
+      config: {model_type: gpt2, n_layer: 2, n_embd: 64, n_head: 2, n_positions: 128, vocab_size: 257}
+      task: causal-lm
+    data:
+      train_files: [corpus/train.txt]
+      validation_fraction: 0.05
+      max_length: 128
+    recipe: configs/rigl_90.yaml         # a recipe file or an inline mapping (dimred_dist.load_recipe)
+    deepspeed: configs/deepspeed/zero2.json
+    training:                            # transformers.TrainingArguments keyword arguments
+      output_dir: runs/tiny_gpt2
+      max_steps: 100
+
+Relative paths are resolved against the current working directory (as in accelerate's configs).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import inspect
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from dimred_dist.core.config import Recipe, build_dataclass, load_recipe
+
+TASKS = ("causal-lm", "sequence-classification")
+FORMATS = ("text", "csv", "json")
+SAMPLE_BY = ("line", "paragraph", "document")
+_EXTENSIONS = {".txt": "text", ".text": "text", ".csv": "csv", ".json": "json", ".jsonl": "json"}
+#: Tokens of the byte-level fallback tokenizer: the 256 byte values plus one end-of-text token.
+BYTE_VOCAB_SIZE = 257
+_YAML11_BOOLS = ("yes", "no", "y", "n", "on", "off")
+#: TrainingArguments keys the CLI owns, with where the setting lives instead.
+RESERVED_TRAINING_KEYS = {
+    "deepspeed": "name the DeepSpeed JSON in the job's top-level `deepspeed` key",
+    "optim": "the optimizer is dimred_dist's CompactAdamW (its hyper-parameters: learning_rate, adam_beta1, "
+    "adam_beta2, adam_epsilon, weight_decay)",
+    "optim_args": "the optimizer is dimred_dist's CompactAdamW",
+}
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    """Which model to train.
+
+    Attributes:
+        pretrained: A local folder written by ``save_pretrained`` (weights, config, tokenizer).
+        config: Instead of ``pretrained``: ``AutoConfig.for_model(model_type, **rest)`` keyword
+            arguments; the model starts from random weights (seeded by ``training.seed``).
+        task: ``causal-lm`` or ``sequence-classification`` (selects the ``AutoModelFor...`` class).
+        num_labels: Classes of a sequence-classification task; default: inferred from the labels.
+        tokenizer: A tokenizer folder; default: the pretrained folder, or a byte-level tokenizer
+            (257 tokens: bytes and end-of-text) for a config-built model.
+    """
+
+    pretrained: str | None = None
+    config: dict[str, Any] | None = None
+    task: str = "causal-lm"
+    num_labels: int | None = None
+    tokenizer: str | None = None
+
+    def __post_init__(self) -> None:
+        if (self.pretrained is None) == (self.config is None):
+            raise ValueError("model: give exactly one of `pretrained` (a local folder) or `config` (a mapping)")
+        if self.task not in TASKS:
+            raise ValueError(f"model.task: unknown task {self.task!r}; known: {', '.join(TASKS)}")
+        if self.num_labels is not None:
+            if self.task != "sequence-classification":
+                raise ValueError("model.num_labels: only a sequence-classification task has labels")
+            if isinstance(self.num_labels, bool) or not isinstance(self.num_labels, int) or self.num_labels < 2:
+                raise ValueError(f"model.num_labels must be an integer >= 2, got {self.num_labels!r}")
+        if self.pretrained is not None and not os.path.isdir(self.pretrained):
+            raise FileNotFoundError(f"model.pretrained: folder not found: {self.pretrained}")
+        if self.tokenizer is not None and not os.path.isdir(self.tokenizer):
+            raise FileNotFoundError(f"model.tokenizer: folder not found: {self.tokenizer}")
+        if self.config is not None:
+            self.hf_config()  # validates model_type and keys now
+
+    def hf_config(self) -> Any:
+        """The ``transformers`` config: built from ``config``, or read from the pretrained folder."""
+        from transformers import AutoConfig
+
+        if self.config is None:
+            try:
+                return AutoConfig.from_pretrained(self.pretrained)
+            except (OSError, ValueError) as e:
+                raise ValueError(f"model.pretrained: cannot read a config from {self.pretrained}: {e}") from None
+        from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+        if not isinstance(self.config, dict) or not isinstance(self.config.get("model_type"), str):
+            raise TypeError(f"model.config must be a mapping with a `model_type` string, got {self.config!r}")
+        kwargs = dict(self.config)
+        model_type = kwargs.pop("model_type")
+        if model_type not in CONFIG_MAPPING:
+            raise ValueError(f"model.config.model_type: unknown model type {model_type!r} (e.g. gpt2, bert, llama)")
+        if self.tokenizer is None:  # the byte-level tokenizer's end-of-text token, unless set
+            kwargs.setdefault("bos_token_id", BYTE_VOCAB_SIZE - 1)
+            kwargs.setdefault("eos_token_id", BYTE_VOCAB_SIZE - 1)
+        cls = CONFIG_MAPPING[model_type]
+        known = set(inspect.signature(cls.__init__).parameters) | set(cls().to_dict()) | {"num_labels"}
+        unknown = sorted(set(kwargs) - known)
+        if unknown:
+            raise ValueError(f"model.config: unknown key(s) {unknown} for model_type {model_type!r}")
+        try:
+            return AutoConfig.for_model(model_type, **kwargs)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"model.config: {e}") from None
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    """Local data files, read with ``datasets.load_dataset(format, data_files=...)``.
+
+    Attributes:
+        train_files: Files or glob patterns of the training data.
+        validation_files: Files or globs of the validation data (excludes ``validation_fraction``).
+        validation_fraction: Fraction of training examples held out, split with ``split_seed``.
+        split_seed: Seed of that split (the same split on every rank and run).
+        format: ``text``, ``csv`` or ``json``; default: from the extension of the first file.
+        sample_by: ``text`` only: one example per ``line``, ``paragraph`` or ``document``.
+        text_column: Column with the text (``text`` files always have ``text``).
+        label_column: Column with the class label (sequence classification; ints or strings).
+        max_length: Tokens per example (causal LM: text is concatenated and cut into blocks).
+    """
+
+    train_files: list[str]
+    validation_files: list[str] = field(default_factory=list)
+    validation_fraction: float = 0.0
+    split_seed: int = 0
+    format: str | None = None
+    sample_by: str | None = None
+    text_column: str = "text"
+    label_column: str = "label"
+    max_length: int = 128
+
+    def __post_init__(self) -> None:
+        self.train_files = _expand("data.train_files", self.train_files, required=True)
+        self.validation_files = _expand("data.validation_files", self.validation_files, required=False)
+        if self.format is None:
+            ext = os.path.splitext(self.train_files[0])[1].lower()
+            if ext not in _EXTENSIONS:
+                raise ValueError(f"data.format: unknown extension of {self.train_files[0]!r}; set one of {FORMATS}")
+            self.format = _EXTENSIONS[ext]
+        if self.format not in FORMATS:
+            raise ValueError(f"data.format: unknown format {self.format!r}; known: {', '.join(FORMATS)}")
+        if self.sample_by is not None and (self.format != "text" or self.sample_by not in SAMPLE_BY):
+            raise ValueError(f"data.sample_by: one of {SAMPLE_BY}, for text files only; got {self.sample_by!r}")
+        if isinstance(self.validation_fraction, bool) or not 0.0 <= float(self.validation_fraction) < 1.0:
+            raise ValueError(f"data.validation_fraction must be in [0, 1), got {self.validation_fraction!r}")
+        if self.validation_fraction and self.validation_files:
+            raise ValueError("data: give validation_files or validation_fraction, not both")
+        if isinstance(self.split_seed, bool) or not isinstance(self.split_seed, int) or self.split_seed < 0:
+            raise ValueError(f"data.split_seed must be a non-negative integer, got {self.split_seed!r}")
+        if isinstance(self.max_length, bool) or not isinstance(self.max_length, int) or self.max_length < 2:
+            raise ValueError(f"data.max_length must be an integer >= 2, got {self.max_length!r}")
+        if self.format == "text" and self.text_column != "text":
+            raise ValueError("data.text_column: text files have one column, `text`")
+
+    @property
+    def has_validation(self) -> bool:
+        return bool(self.validation_files) or self.validation_fraction > 0
+
+
+def _expand(key: str, value: Any, *, required: bool) -> list[str]:
+    """Files from a path, glob or list of them; each must match something."""
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list) or not all(isinstance(v, str) for v in items):
+        raise TypeError(f"{key}: expected a path or a list of paths, got {value!r}")
+    if required and not items:
+        raise ValueError(f"{key}: no file given")
+    files: list[str] = []
+    for item in items:
+        hits = sorted(glob.glob(item)) if glob.has_magic(item) else ([item] if os.path.isfile(item) else [])
+        if not hits:
+            raise FileNotFoundError(f"{key}: no file matches {item!r}")
+        files.extend(hits)
+    return files
+
+
+@dataclass(kw_only=True)
+class JobConfig:
+    """A whole job. ``recipe`` and ``deepspeed`` are loaded (and validated) at construction.
+
+    Attributes:
+        model: What to train.
+        data: On which data.
+        recipe: Path of a recipe YAML or an inline recipe mapping (see :class:`dimred_dist.Recipe`);
+            passed through :func:`dimred_dist.load_recipe`, so any registered method works.
+        deepspeed: Path of a DeepSpeed JSON (no ``optimizer`` section), or null. Used under the
+            ``deepspeed`` launcher, torchrun and SLURM; under ``accelerate launch`` the accelerate
+            config names the JSON (the two must agree); a plain ``python`` run ignores it.
+        training: ``transformers.TrainingArguments`` keyword arguments; ``output_dir`` is required.
+    """
+
+    model: ModelConfig
+    data: DataConfig
+    recipe: Recipe
+    deepspeed: str | None = None
+    training: dict[str, Any]
+    deepspeed_config: dict[str, Any] | None = field(default=None, init=False)
+
+    def __post_init__(self) -> None:
+        self.model = build_dataclass(ModelConfig, self.model, "model")
+        self.data = build_dataclass(DataConfig, self.data, "data")
+        self.recipe = _load_recipe(self.recipe)
+        if self.deepspeed is not None:
+            self.deepspeed_config = read_deepspeed_json(self.deepspeed, "deepspeed")
+        check_training_keys(self.training)
+        self._check_across_sections()
+
+    def _check_across_sections(self) -> None:
+        cfg = self.model.hf_config()
+        if self.model.config is not None and self.model.tokenizer is None:
+            vocab = getattr(cfg, "vocab_size", None)
+            if vocab is not None and vocab < BYTE_VOCAB_SIZE:
+                raise ValueError(
+                    f"model.config.vocab_size: a config-built model without model.tokenizer uses the byte-level "
+                    f"tokenizer ({BYTE_VOCAB_SIZE} tokens), got vocab_size={vocab}"
+                )
+        positions = next((getattr(cfg, k) for k in ("n_positions", "max_position_embeddings") if hasattr(cfg, k)), None)
+        if positions is not None and self.data.max_length > positions:
+            raise ValueError(f"data.max_length={self.data.max_length} exceeds the model's {positions} positions")
+        if self.training.get("eval_strategy", "no") != "no" and not self.data.has_validation:
+            raise ValueError("training.eval_strategy needs data.validation_files or data.validation_fraction")
+
+
+def _load_recipe(value: Any) -> Recipe:
+    if isinstance(value, Recipe):
+        return value
+    if not isinstance(value, (str, dict)):
+        raise TypeError(f"recipe: expected a path or a mapping, got {value!r}")
+    try:
+        return load_recipe(value)
+    except (ValueError, TypeError) as e:
+        raise type(e)(f"recipe: {e}") from None
+
+
+def read_deepspeed_json(path: str, key: str) -> dict[str, Any]:
+    """A DeepSpeed JSON file as a mapping; ``key`` names where the path came from in errors."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{key}: DeepSpeed config not found: {path}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{key}: {path} is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise TypeError(f"{key}: {path} must hold a JSON object")
+    return data
+
+
+def training_defaults() -> dict[str, Any]:
+    """``TrainingArguments`` field defaults, by name."""
+    from transformers import TrainingArguments
+
+    out = {}
+    for f in dataclasses.fields(TrainingArguments):
+        if f.init:
+            out[f.name] = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+    return out
+
+
+def check_training_keys(training: Any) -> None:
+    """Reject keys ``TrainingArguments`` does not know, keys the CLI owns, and a missing ``output_dir``."""
+    if not isinstance(training, dict):
+        raise TypeError(f"training: expected a mapping of TrainingArguments keyword arguments, got {training!r}")
+    known = training_defaults()
+    unknown = sorted(set(training) - set(known))
+    if unknown:
+        raise ValueError(f"training: unknown key(s) {unknown}: not transformers.TrainingArguments arguments")
+    for key, why in RESERVED_TRAINING_KEYS.items():
+        if key in training:
+            raise ValueError(f"training.{key}: set by dimred-train; {why}")
+    for key, value in training.items():
+        if isinstance(value, bool) and isinstance(known[key], str):
+            raise TypeError(
+                f"training.{key}: got the boolean {value}, expected a string; YAML reads unquoted no/yes/off/on as "
+                f'booleans: write "{"no" if not value else "yes"}"'
+            )
+    out = training.get("output_dir")
+    if not isinstance(out, str) or not out:
+        raise ValueError("training.output_dir is required (a folder path)")
+
+
+def load_job(path: str, overrides: list[str] | None = None) -> JobConfig:
+    """Read, override and validate a job file.
+
+    Args:
+        path: The job YAML.
+        overrides: ``section.key=value`` strings (value parsed as YAML), applied before validation.
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"job file not found: {path}")
+    with open(path, encoding="utf-8") as f:
+        data = yaml.safe_load(f)
+    if not isinstance(data, dict):
+        raise TypeError(f"{path}: a job must be a YAML mapping, got {type(data).__name__}")
+    for item in overrides or []:
+        apply_override(data, item)
+    missing = [k for k in ("model", "data", "recipe", "training") if k not in data]
+    if missing:
+        raise ValueError(f"{path}: missing section(s) {missing}")
+    return build_dataclass(JobConfig, data, path)
+
+
+def apply_override(data: dict[str, Any], item: str) -> None:
+    """Set ``a.b.c=value`` in ``data``; a recipe given as a path is read first so its keys can be set."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key:
+        raise ValueError(f"--set expects section.key=value, got {item!r}")
+    parts = key.split(".")
+    if parts[0] == "recipe" and len(parts) > 1 and isinstance(data.get("recipe"), str):
+        recipe_path = data["recipe"]
+        if not os.path.isfile(recipe_path):
+            raise FileNotFoundError(f"recipe file not found: {recipe_path}")
+        with open(recipe_path, encoding="utf-8") as f:
+            data["recipe"] = yaml.safe_load(f)
+    node = data
+    for p in parts[:-1]:
+        if node.get(p) is None:
+            node[p] = {}
+        if not isinstance(node[p], dict):
+            raise TypeError(f"--set {item!r}: {p!r} is not a mapping")
+        node = node[p]
+    # Only true/false are booleans on the command line (YAML 1.1 would turn `no` into False).
+    node[parts[-1]] = raw if raw.strip().lower() in _YAML11_BOOLS else yaml.safe_load(raw)
