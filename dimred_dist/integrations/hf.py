@@ -17,6 +17,7 @@ the engine.
 from __future__ import annotations
 
 import inspect
+from pathlib import Path
 from typing import Any
 
 from transformers import TrainerCallback
@@ -57,14 +58,24 @@ def _deepspeed_engine_optimizer(optimizer: Any) -> Any | None:
 class DimRedCallback(TrainerCallback):
     """Applies a recipe during ``Trainer.train()`` and adds the manager's metrics to the logs.
 
+    At the end of training rank 0 saves plots (per-layer density, churn per topology update) as PNG
+    in ``{output_dir}/dimred_plots/`` and logs them as images to the active W&B run, if any
+    (needs matplotlib; without it the plots are skipped with a warning).
+
     Args:
         recipe: A :class:`~dimred_dist.Recipe` or the path of a recipe YAML file.
+        plot_every: Also plot every this many logging events (0: only at the end of training).
     """
 
-    def __init__(self, recipe: Recipe | str) -> None:
+    def __init__(self, recipe: Recipe | str, *, plot_every: int = 0) -> None:
+        if plot_every < 0:
+            raise ValueError(f"plot_every must be >= 0, got {plot_every}")
         self.recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+        self.plot_every = plot_every
         self.manager: DimRedManager | None = None
         self._trainer = None
+        self._logged: tuple[int, dict[str, float]] | None = None  # (manager step, metrics) of the last log
+        self._n_logs = 0
 
     def on_init_end(self, args, state, control, model=None, **kwargs):
         _move_to_front(self)
@@ -113,6 +124,34 @@ class DimRedCallback(TrainerCallback):
             logs.update(metrics)
             if state.log_history:
                 state.log_history[-1].update(metrics)
+            self._logged = (self.manager.step, metrics)
+            self._n_logs += 1
+            if self.plot_every and self._n_logs % self.plot_every == 0:
+                self._plot(args, state, metrics)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.manager is None:
+            return
+        if self._logged is not None and self._logged[0] == self.manager.step:
+            metrics = self._logged[1]  # the Trainer logs once more just before the end: reuse, no collective
+        else:
+            metrics = self.manager.metrics()  # every rank calls it (collective)
+        self._plot(args, state, metrics)
+
+    def _plot(self, args, state, metrics: dict[str, float]) -> None:
+        """Rank 0: save the plots next to the run and log them to the active W&B run."""
+        if not state.is_world_process_zero:
+            return
+        try:
+            from dimred_dist.integrations.plots import save_plots
+        except ImportError as e:
+            logger.warning("dimred: plots skipped (%s); pip install 'dimred_dist[plots]' (matplotlib)", e)
+            return
+        from dimred_dist.integrations.wandb import log_images
+
+        paths = save_plots(metrics, self.manager.topology_history, Path(args.output_dir) / "dimred_plots",
+                           title=f"step {state.global_step}")
+        log_images(paths, extra={"train/global_step": state.global_step})
 
 
 def _find_on_stack(predicate) -> Any | None:
