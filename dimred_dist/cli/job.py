@@ -312,7 +312,7 @@ def load_job(path: str, overrides: list[str] | None = None) -> JobConfig:
     missing = [k for k in ("model", "data", "recipe", "training") if k not in data]
     if missing:
         raise ValueError(f"{path}: missing section(s) {missing}")
-    return build_dataclass(JobConfig, data, path)
+    return build_dataclass(JobConfig, data, "job")
 
 
 def apply_override(data: dict[str, Any], item: str) -> None:
