@@ -1,0 +1,365 @@
+"""Checkpoints of the TRAIN / FREEZE / PRUNE state that survive a change of world size or ZeRO stage.
+
+Layout of ``<checkpoint>/dimred/`` (no pickle anywhere: safetensors and JSON only):
+
+* ``rank<r>.safetensors``, one per rank: for every managed parameter with entries on that rank,
+  ``<name>.keep`` and ``<name>.train``, bit-packed (uint8, entry ``i`` of the rank's range
+  ``[start, end)`` is bit ``i % 8`` of byte ``i // 8``), plus the ranges as JSON metadata;
+* ``manifest.json``, written last by rank 0: format, world size, ZeRO stage, step, recipe, method
+  state, every parameter's shape (model order), and per file its SHA-256, size and global ranges.
+
+The per-rank files together with their global ranges cover every parameter exactly once, so a
+loader at any world size or stage reads, for each of its own ranges, only the byte slices of the
+files that overlap it (``safe_open(...).get_slice``): no rank materializes masks it does not own.
+Replicated parameters (DDP) are written by rank 0 only.
+
+The compact optimizer state is not stored here: at the same world size and stage DeepSpeed's own
+checkpoint (or the Trainer's ``optimizer.pt``) restores it exactly, and
+:func:`same_partitioning` tells whether that is the case. Otherwise the moments of TRAIN entries
+start at zero, as in a fresh optimizer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save as safetensors_bytes
+
+from dimred_dist.core.logging import get_logger
+from dimred_dist.optim.compact import pack_bits, unpack_bits
+
+logger = get_logger(__name__)
+
+__all__ = [
+    "DIMRED_DIR", "MANIFEST", "CheckpointError", "Manifest", "SavedFile", "load_dimred_state", "read_full_masks",
+    "read_manifest", "same_partitioning", "save_dimred_state",
+]
+
+DIMRED_DIR = "dimred"
+MANIFEST = "manifest.json"
+FORMAT = "dimred_dist.checkpoint"
+VERSION = 1
+_HASH_CHUNK = 1 << 22
+
+
+class CheckpointError(ValueError):
+    """A dimred checkpoint is missing, corrupt, or does not belong to this model."""
+
+
+@dataclass(frozen=True)
+class SavedFile:
+    """One rank's file: its name inside ``dimred/``, SHA-256, size and global range per parameter."""
+
+    rank: int
+    file: str
+    sha256: str
+    bytes: int
+    ranges: dict[str, tuple[int, int]]
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """What ``manifest.json`` records about a saved dimred state."""
+
+    directory: Path
+    world_size: int
+    zero_stage: int
+    step: int
+    recipe: dict[str, Any]
+    method_state: dict[str, Any]
+    shapes: dict[str, tuple[int, ...]]
+    files: list[SavedFile]
+
+    def pieces(self, name: str) -> list[tuple[SavedFile, int, int]]:
+        """(file, start, end) of every saved piece of parameter ``name``, by start."""
+        out = [(f, *f.ranges[name]) for f in self.files if name in f.ranges]
+        return sorted(out, key=lambda t: t[1])
+
+    def path(self, f: SavedFile) -> Path:
+        return self.directory / f.file
+
+
+# ---- saving ----------------------------------------------------------------------------------
+def save_dimred_state(manager, directory: str | os.PathLike) -> Path:
+    """Write the manager's state into ``<directory>/dimred/`` (every rank calls it).
+
+    Each rank writes its own ``rank<r>.safetensors``; rank 0 then writes ``manifest.json`` with the
+    files' checksums and ranges (gathered in one small all-reduce of integers, no tensors of
+    weights or masks cross the network).
+
+    Raises:
+        FileExistsError: If ``<directory>/dimred`` already holds dimred files (on every rank).
+        TypeError: If the method's state is not plain JSON data.
+    """
+    state, views, topo = manager.state, manager.views, manager.adapter.topology
+    coll = manager.adapter.check_collectives
+    out = Path(directory) / DIMRED_DIR
+    method_state = manager.method.state_dict()
+    try:
+        json.dumps(method_state)
+    except TypeError as e:
+        raise TypeError(f"{type(manager.method).__name__}.state_dict() must be plain JSON data: {e}") from None
+    exists = out.is_dir() and any(p.name == MANIFEST or p.suffix == ".safetensors" for p in out.iterdir())
+    if int(coll.all_reduce_max(torch.tensor([int(exists)]))[0]):  # every rank raises, none waits
+        raise FileExistsError(f"{out} already holds a dimred checkpoint; refusing to overwrite it")
+    out.mkdir(parents=True, exist_ok=True)
+
+    names = list(views)
+    mine = [n for n in names if views[n].local_numel and (not views[n].replicated or topo.rank == 0)]
+    tensors: dict[str, torch.Tensor] = {}
+    for n in mine:
+        tensors[f"{n}.keep"] = pack_bits(state[n].keep.cpu())
+        tensors[f"{n}.train"] = pack_bits(state[n].train.cpu())
+    ranges = {n: [views[n].start, views[n].end] for n in mine}
+    meta = {"format": FORMAT, "version": str(VERSION), "rank": str(topo.rank), "ranges": json.dumps(ranges)}
+    blob = safetensors_bytes(tensors, metadata=meta)
+    fname = f"rank{topo.rank}.safetensors"
+    tmp = out / (fname + ".tmp")
+    tmp.write_bytes(blob)
+    os.replace(tmp, out / fname)
+
+    # Row r: 32 digest bytes, file size, then (start, end) per parameter of rank r.
+    row = torch.zeros(topo.world_size, 33 + 2 * len(names), dtype=torch.int64)
+    row[topo.rank, :32] = torch.tensor(list(hashlib.sha256(blob).digest()), dtype=torch.int64)
+    row[topo.rank, 32] = len(blob)
+    for i, n in enumerate(names):
+        if n in ranges:
+            row[topo.rank, 33 + 2 * i : 35 + 2 * i] = torch.tensor(ranges[n])
+    table = coll.all_reduce_sum(row)
+    if topo.rank == 0:
+        files = []
+        for r in range(topo.world_size):
+            rr = table[r].tolist()
+            pairs = {n: (rr[33 + 2 * i], rr[34 + 2 * i]) for i, n in enumerate(names)}
+            spans = {n: [a, b] for n, (a, b) in pairs.items() if b > a}
+            files.append({"rank": r, "file": f"rank{r}.safetensors", "sha256": bytes(rr[:32]).hex(), "bytes": rr[32],
+                          "ranges": spans})
+        manifest = {
+            "format": FORMAT, "version": VERSION, "world_size": topo.world_size, "zero_stage": topo.zero_stage,
+            "step": manager.step, "recipe": manager.recipe.to_dict(), "method_state": method_state,
+            "params": {n: list(views[n].shape) for n in names}, "files": files,
+        }
+        tmp = out / (MANIFEST + ".tmp")
+        tmp.write_text(json.dumps(manifest, indent=1))
+        os.replace(tmp, out / MANIFEST)
+    coll.barrier()
+    logger.info("dimred: saved the state of step %d (%d ranks) to %s", manager.step, topo.world_size, out)
+    return out
+
+
+# ---- reading ---------------------------------------------------------------------------------
+def read_manifest(directory: str | os.PathLike) -> Manifest:
+    """Read and validate ``<directory>/dimred/manifest.json`` (``directory`` may also be the ``dimred`` folder).
+
+    Raises:
+        FileNotFoundError: If the directory or the manifest does not exist.
+        CheckpointError: If the manifest is not a dimred checkpoint or its ranges do not tile the parameters.
+    """
+    root = Path(directory)
+    if not root.is_dir():
+        raise FileNotFoundError(f"checkpoint directory not found: {root}")
+    if root.name != DIMRED_DIR and (root / DIMRED_DIR).is_dir():
+        root = root / DIMRED_DIR
+    path = root / MANIFEST
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{directory} is not a dimred checkpoint: {path} is missing (it is written by save_dimred_state / "
+            "DimRedCallback.on_save)"
+        )
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(raw, dict) or raw.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a dimred checkpoint manifest (format {raw.get('format')!r})")
+    if raw.get("version") != VERSION:
+        raise CheckpointError(f"{path}: unsupported checkpoint version {raw.get('version')!r} (this reader: {VERSION})")
+    files = [SavedFile(int(f["rank"]), str(f["file"]), str(f["sha256"]), int(f["bytes"]),
+                       {n: (int(a), int(b)) for n, (a, b) in f["ranges"].items()}) for f in raw["files"]]
+    m = Manifest(root, int(raw["world_size"]), int(raw["zero_stage"]), int(raw["step"]), raw["recipe"],
+                 raw.get("method_state", {}), {n: tuple(int(d) for d in s) for n, s in raw["params"].items()}, files)
+    for f in files:
+        if Path(f.file).name != f.file:
+            raise CheckpointError(f"{path}: file name {f.file!r} must not contain a directory")
+    for name, shape in m.shapes.items():
+        numel, pos = _numel(shape), 0
+        for _, a, b in m.pieces(name):
+            if a != pos or b <= a:
+                raise CheckpointError(
+                    f"{path}: the saved ranges of {name!r} do not tile 0..{numel} (gap or overlap at {pos})"
+                )
+            pos = b
+        if pos != numel:
+            raise CheckpointError(f"{path}: the saved ranges of {name!r} cover 0..{pos} of {numel} entries")
+    return m
+
+
+def verify_file(manifest: Manifest, f: SavedFile) -> Path:
+    """The path of ``f`` after checking its size and SHA-256 against the manifest (streamed, no tensors)."""
+    path = manifest.path(f)
+    if not path.is_file():
+        raise CheckpointError(f"dimred checkpoint file missing: {path}")
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(_HASH_CHUNK):
+            h.update(chunk)
+    if h.hexdigest() != f.sha256:
+        raise CheckpointError(
+            f"checksum mismatch for {path}: SHA-256 {h.hexdigest()} != {f.sha256} recorded in the manifest; "
+            "the file is corrupt or was replaced"
+        )
+    return path
+
+
+def _read_bits(handle, key: str, lo: int, hi: int) -> torch.Tensor:
+    """Entries ``lo .. hi-1`` of the bit-packed tensor ``key``, reading only the bytes that hold them."""
+    b0 = lo // 8
+    packed = handle.get_slice(key)[b0 : (hi + 7) // 8]
+    return unpack_bits(packed, hi - 8 * b0)[lo - 8 * b0 :]
+
+
+def read_ranges(manifest: Manifest, wanted: dict[str, tuple[int, int]]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """(keep, train) over ``[start, end)`` for every ``name: (start, end)`` in ``wanted``.
+
+    Opens only the files that overlap a wanted range, verifies each one's checksum first, and reads
+    only the overlapping bytes.
+    """
+    out = {n: (torch.zeros(b - a, dtype=torch.bool), torch.zeros(b - a, dtype=torch.bool))
+           for n, (a, b) in wanted.items()}
+    for f in manifest.files:
+        todo = []
+        for name, (start, end) in wanted.items():
+            if name in f.ranges:
+                fa, fb = f.ranges[name]
+                a, b = max(start, fa), min(end, fb)
+                if a < b:
+                    todo.append((name, a, b, fa, start))
+        if not todo:
+            continue
+        with safe_open(verify_file(manifest, f), framework="pt") as handle:
+            for name, a, b, fa, start in todo:
+                keep, train = out[name]
+                keep[a - start : b - start] = _read_bits(handle, f"{name}.keep", a - fa, b - fa)
+                train[a - start : b - start] = _read_bits(handle, f"{name}.train", a - fa, b - fa)
+    return out
+
+
+def read_full_masks(directory: str | os.PathLike) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Full flat (keep, train) masks of every parameter (a single-process reader: inspection, tests)."""
+    m = read_manifest(directory)
+    return read_ranges(m, {n: (0, _numel(s)) for n, s in m.shapes.items()})
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n
+
+
+# ---- loading into a manager ------------------------------------------------------------------
+def same_partitioning(manifest: Manifest, world_size: int, zero_stage: int) -> bool:
+    """Whether optimizer state saved under the manifest's layout fits this one entry for entry.
+
+    Replicated runs (stage 0) hold whole parameters at any world size; ZeRO-1 and -2 partition alike.
+    """
+    family = {0: 0, 1: 1, 2: 1, 3: 3}
+    if family[manifest.zero_stage] != family[zero_stage]:
+        return False
+    return zero_stage == 0 or manifest.world_size == world_size
+
+
+def check_model(manifest: Manifest, shapes: dict[str, tuple[int, ...]], *, managed: bool = True) -> None:
+    """Raise :class:`CheckpointError` naming the first parameter whose name or shape differs.
+
+    Args:
+        shapes: Parameter name -> global shape, in model order.
+        managed: True: ``shapes`` are this run's managed parameters and must equal the saved ones.
+            False: ``shapes`` are all the model's parameters; every saved one must be among them.
+    """
+    saved = list(manifest.shapes.items())
+    here = [(n, tuple(s)) for n, s in shapes.items()]
+    msg = None
+    if not managed:
+        lookup = dict(here)
+        for name, shape in saved:
+            if name not in lookup:
+                msg = f"the checkpoint has parameter {name!r} {shape} that this model does not have"
+            elif lookup[name] != shape:
+                msg = f"parameter {name!r} has shape {shape} in the checkpoint but {lookup[name]} here"
+            if msg:
+                break
+    for i in range(max(len(saved), len(here)) if managed else 0):
+        s = saved[i] if i < len(saved) else None
+        h = here[i] if i < len(here) else None
+        if s == h:
+            continue
+        if s is None:
+            msg = f"parameter {h[0]!r} {h[1]} is managed here but not in the checkpoint"
+        elif h is None:
+            msg = f"the checkpoint has parameter {s[0]!r} {s[1]} that is not managed here"
+        elif s[0] != h[0]:
+            msg = f"parameter #{i} is {s[0]!r} in the checkpoint but {h[0]!r} here"
+        else:
+            msg = f"parameter {s[0]!r} has shape {s[1]} in the checkpoint but {h[1]} here"
+        break
+    if msg:
+        raise CheckpointError(f"{manifest.directory} is from another model: {msg}")
+
+
+def load_dimred_state(manager, directory: str | os.PathLike) -> Manifest:
+    """Restore masks, step and method state from a checkpoint saved at any world size or ZeRO stage.
+
+    Every rank calls it on a prepared manager (``prepare(resuming=True)`` when resuming, so the
+    weights are not masked with a fresh topology first). Each rank reads only the slices of the saved
+    files that overlap its own ranges, after verifying their checksums. Errors on any rank make every
+    rank raise before anything is changed. Then :meth:`DimRedManager.load_state_dict` applies the
+    masks to the weights and hands them to an attached compact optimizer.
+
+    Returns:
+        The manifest (world size, stage and step of the save).
+
+    Raises:
+        FileNotFoundError / CheckpointError: Missing or corrupt checkpoint, another model or method.
+    """
+    coll = manager.adapter.check_collectives
+    views = manager.views
+    error: Exception | None = None
+    try:
+        manifest = read_manifest(directory)
+        check_model(manifest, {n: v.shape for n, v in views.items()})
+        if manifest.recipe.get("method") != manager.recipe.method:
+            raise CheckpointError(
+                f"{manifest.directory} was saved by method {manifest.recipe.get('method')!r}, this run uses "
+                f"{manager.recipe.method!r}"
+            )
+        masks = read_ranges(manifest, {n: (v.start, v.end) for n, v in views.items() if v.local_numel})
+    except Exception as e:  # noqa: BLE001 - re-raised below on this rank, reported on the others
+        error = e
+    if int(coll.all_reduce_max(torch.tensor([int(error is not None)]))[0]):
+        if error is not None:
+            raise error
+        raise CheckpointError(f"another rank failed to load the dimred checkpoint {directory}; see its error")
+    if manifest.recipe != json.loads(json.dumps(manager.recipe.to_dict())):
+        logger.warning("dimred: the recipe saved in %s differs from this run's recipe; this run's applies", directory)
+    sd = {}
+    for name, v in views.items():
+        keep, train = masks.get(name, (torch.zeros(0, dtype=torch.bool), torch.zeros(0, dtype=torch.bool)))
+        device = manager.state[name].keep.device
+        sd.update({f"{name}.keep": keep.to(device), f"{name}.train": train.to(device),
+                   f"{name}.range": torch.tensor([v.start, v.end]),
+                   f"{name}.shape": torch.tensor(v.shape, dtype=torch.int64)})
+    manager.load_state_dict({"step": manifest.step, "masks": sd, "method": manifest.method_state})
+    topo = manager.adapter.topology
+    logger.info(
+        "dimred: restored the topology of step %d saved by %d ranks at ZeRO stage %d (now %d ranks, stage %d)",
+        manifest.step, manifest.world_size, manifest.zero_stage, topo.world_size, topo.zero_stage,
+    )
+    return manifest
