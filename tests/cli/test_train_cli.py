@@ -25,6 +25,8 @@ from tests.cli.jobs import (
 pytestmark = pytest.mark.distributed
 
 MODULE = ["-m", "dimred_dist.cli.train"]
+# Ports 29741-29745 belong to these tests: the other suites use 296xx, and two launches on one port
+# collide in the rendezvous and in DeepSpeed's /dev/shm buffer names.
 
 
 def _check_zero(s: dict, stage: int, launcher: str, density: float) -> None:
@@ -42,7 +44,7 @@ def _check_zero(s: dict, stage: int, launcher: str, density: float) -> None:
 
 @pytest.mark.parametrize(
     "stage,recipe,port",
-    [(2, "rigl_90.yaml", 29631), (3, "set_90.yaml", 29632)],
+    [(2, "rigl_90.yaml", 29741), (3, "set_90.yaml", 29742)],
 )
 def test_deepspeed_launcher(tmp_path, stage, recipe, port):
     job = lm_job(tmp_path, recipe_file(recipe), ds_json(f"zero{stage}.json"))
@@ -57,7 +59,7 @@ def test_deepspeed_launcher(tmp_path, stage, recipe, port):
 
 
 def test_accelerate_launch(tmp_path):
-    port = 29633
+    port = 29743
     # The job names the same JSON as the accelerate config: allowed, and not passed to TrainingArguments.
     job = lm_job(tmp_path, recipe_file("random_freeze_90.yaml"), ds_json("zero2.json"))
     path = write_job(tmp_path, job)
@@ -70,7 +72,7 @@ def test_accelerate_launch(tmp_path):
 
 def test_two_nodes_over_loopback(tmp_path):
     """Two torchrun "nodes" (one process each) started side by side by launch/run_torchrun_multinode.sh."""
-    port = 29634
+    port = 29744
     path = write_job(tmp_path, lm_job(tmp_path, recipe_file("static_erk_random_90.yaml"), ds_json("zero2.json")))
     cmds = [
         ["env", "NNODES=2", f"NODE_RANK={rank}", "MASTER_ADDR=127.0.0.1", f"MASTER_PORT={port}", "NPROC_PER_NODE=1",
@@ -84,7 +86,7 @@ def test_two_nodes_over_loopback(tmp_path):
 def test_plain_python_pretrained_classifier(tmp_path):
     """One process, no DeepSpeed (the job's JSON is ignored): a local pretrained folder with its
     tokenizer, string labels from JSON lines, whole-tensor freezing, and the final model saved."""
-    port = 29635  # unused by a single process; no /dev/shm file expected
+    port = 29745  # unused by a single process; no /dev/shm file expected
     folder = write_pretrained_bert(tmp_path / "tiny_bert")
     job = {
         "model": {"pretrained": str(folder), "task": "sequence-classification"},
