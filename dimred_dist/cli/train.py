@@ -142,15 +142,17 @@ def run(job: JobConfig, plan: RunPlan, args: Any, *, job_path: str) -> dict[str,
         model=model, args=args, train_dataset=ds.train, eval_dataset=ds.validation,
         data_collator=default_data_collator, callbacks=[callback], optimizer_cls_and_kwargs=compact_optimizer(args),
         processing_class=None if isinstance(tokenizer, data_mod.ByteTokenizer) else tokenizer,
+        compute_metrics=accuracy if job.model.task == "sequence-classification" else None,
     )
     t_train = time.perf_counter()
     out = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
     train_seconds = time.perf_counter() - t_train
-    eval_loss = trainer.evaluate().get("eval_loss") if ds.validation is not None else None
+    evaluation = trainer.evaluate() if ds.validation is not None else {}
     if str(getattr(args.save_strategy, "value", args.save_strategy)) != "no":
         trainer.save_model()
     summary = summarize(trainer, callback, job, plan, job_path=job_path)
-    summary.update(train_loss=out.training_loss, eval_loss=eval_loss, train_seconds=train_seconds,
+    summary.update(train_loss=out.training_loss, eval_loss=evaluation.get("eval_loss"),
+                   eval_accuracy=evaluation.get("eval_accuracy"), train_seconds=train_seconds,
                    total_seconds=time.perf_counter() - t0)
     if trainer.is_world_process_zero():
         path = Path(args.output_dir, SUMMARY_FILE)
@@ -162,6 +164,14 @@ def run(job: JobConfig, plan: RunPlan, args: Any, *, job_path: str) -> dict[str,
         dist.barrier()
         dist.destroy_process_group()
     return summary
+
+
+def accuracy(eval_pred: Any) -> dict[str, float]:
+    """Fraction of validation examples whose arg-max logit is the label."""
+    logits, labels = eval_pred
+    if isinstance(logits, tuple):
+        logits = logits[0]
+    return {"accuracy": float((logits.argmax(-1) == labels).mean())}
 
 
 def optimizer_chain(optimizer: Any) -> list[str]:

@@ -36,12 +36,15 @@ class DynamicConfig(MethodConfig):
         drop_fraction: Fraction of each layer's active entries dropped at the first update (alpha).
         end_fraction: Updates stop after this fraction of the planned steps (T_end / T).
         decay: ``cosine`` (RigL) or ``constant`` (SET) schedule of the drop fraction.
+        init: Initial topology: ``random`` (training from scratch, as in the papers) or ``magnitude``
+            (largest |w|: fine-tuning a pretrained model keeps its strongest weights).
     """
 
     update_interval: int = 100
     drop_fraction: float = 0.3
     end_fraction: float = 0.75
     decay: str = "cosine"
+    init: str = "random"
 
     def __post_init__(self) -> None:
         if self.update_interval < 1:
@@ -52,6 +55,8 @@ class DynamicConfig(MethodConfig):
             raise ValueError(f"end_fraction must be in (0, 1], got {self.end_fraction}")
         if self.decay not in ("cosine", "constant"):
             raise ValueError(f"decay must be 'cosine' or 'constant', got {self.decay!r}")
+        if self.init not in ("random", "magnitude"):
+            raise ValueError(f"init must be 'random' or 'magnitude', got {self.init!r}")
 
 
 @register_method("set")
@@ -77,6 +82,11 @@ class SET(RandomPruning):
         super().initialize(ctx)
 
     # ---- hooks ---------------------------------------------------------------------------
+    def init_scores(self, view: ShardView, ctx: MethodContext) -> torch.Tensor:
+        if self.config.init == "magnitude":
+            return view.weight().detach().abs()
+        return super().init_scores(view, ctx)
+
     def drop_scores(self, view: ShardView, ctx: MethodContext) -> torch.Tensor:
         """Active entries with the highest score survive."""
         return view.weight().detach().abs()
