@@ -25,6 +25,8 @@ from transformers import TrainerCallback
 from dimred_dist.core.config import Recipe, load_recipe
 from dimred_dist.core.logging import get_logger
 from dimred_dist.core.targets import freeze_whole_tensors
+from dimred_dist.distributed.checkpoint import load_dimred_state, save_dimred_state
+from dimred_dist.integrations.hf_resume import TrainerResume
 from dimred_dist.manager import DimRedManager
 from dimred_dist.optim.compact import CompactAdamW
 
@@ -62,6 +64,11 @@ class DimRedCallback(TrainerCallback):
     in ``{output_dir}/dimred_plots/`` and logs them as images to the active W&B run, if any
     (needs matplotlib; without it the plots are skipped with a warning).
 
+    Every checkpoint the Trainer saves gets the dimred state in ``checkpoint-N/dimred/`` (see
+    :mod:`dimred_dist.distributed.checkpoint`), and ``trainer.train(resume_from_checkpoint=...)``
+    restores it from the checkpoint the Trainer resumes from, also at another world size or ZeRO
+    stage (see :mod:`dimred_dist.integrations.hf_resume` for what is restored and what restarts).
+
     Args:
         recipe: A :class:`~dimred_dist.Recipe` or the path of a recipe YAML file.
         plot_every: Also plot every this many logging events (0: only at the end of training).
@@ -80,6 +87,7 @@ class DimRedCallback(TrainerCallback):
     def on_init_end(self, args, state, control, model=None, **kwargs):
         _move_to_front(self)
         self._trainer = _find_on_stack(lambda obj: hasattr(obj, "accelerator") and hasattr(obj, "callback_handler"))
+        self._resume = TrainerResume(self._trainer)
         if self.recipe.freeze:
             names = freeze_whole_tensors(model, self.recipe.freeze)
             logger.info("dimred: froze %d whole tensors before the optimizer is built", len(names))
@@ -92,11 +100,11 @@ class DimRedCallback(TrainerCallback):
             from dimred_dist.distributed.zero import ZeroAdapter
 
             adapter = ZeroAdapter(zero, module=model)
-            self.manager = DimRedManager(self.recipe, model, adapter=adapter, total_steps=state.max_steps).prepare()
+            self.manager = self._new_manager(args, state, model, adapter)
             self.manager.attach(zero)
             return
         inner = getattr(optimizer, "optimizer", optimizer)
-        self.manager = DimRedManager(self.recipe, model, total_steps=state.max_steps).prepare()
+        self.manager = self._new_manager(args, state, model, None)
         accelerator = getattr(getattr(self, "_trainer", None), "accelerator", None)
         if accelerator is None:
             logger.warning(
@@ -115,6 +123,21 @@ class DimRedCallback(TrainerCallback):
             return clip(*a, **kw)
 
         accelerator.clip_grad_norm_ = masked_clip_grad_norm_
+
+    def _new_manager(self, args, state, model, adapter) -> DimRedManager:
+        """A prepared manager: a fresh topology, or the one of the checkpoint the Trainer resumes from."""
+        resume = getattr(self, "_resume", None) or TrainerResume(None)
+        checkpoint = resume.checkpoint_dir(args, state)
+        manager = DimRedManager(self.recipe, model, adapter=adapter, total_steps=state.max_steps)
+        manager.prepare(resuming=checkpoint is not None)
+        if checkpoint is not None:
+            load_dimred_state(manager, checkpoint)  # before attach: the optimizer gets the saved masks
+        return manager
+
+    def on_save(self, args, state, control, **kwargs):
+        # Every rank writes its own file into the folder the Trainer just wrote.
+        if self.manager is not None:
+            save_dimred_state(self.manager, Path(args.output_dir) / f"checkpoint-{state.global_step}")
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         # Every rank logs (metrics() holds a collective); the Trainer appended a copy of ``logs`` to
