@@ -39,7 +39,7 @@ logger = get_logger(__name__)
 
 __all__ = [
     "DIMRED_DIR", "MANIFEST", "CheckpointError", "Manifest", "SavedFile", "load_dimred_state", "read_full_masks",
-    "read_manifest", "same_partitioning", "save_dimred_state",
+    "read_manifest", "same_partitioning", "save_dimred_state", "state_counts",
 ]
 
 DIMRED_DIR = "dimred"
@@ -255,6 +255,22 @@ def read_full_masks(directory: str | os.PathLike) -> dict[str, tuple[torch.Tenso
     """Full flat (keep, train) masks of every parameter (a single-process reader: inspection, tests)."""
     m = read_manifest(directory)
     return read_ranges(m, {n: (0, _numel(s)) for n, s in m.shapes.items()})
+
+
+def state_counts(manifest: Manifest) -> dict[str, tuple[int, int, int]]:
+    """Per parameter: global (TRAIN, FREEZE, PRUNE) counts, one saved piece in memory at a time."""
+    counts = {n: [0, 0, 0] for n in manifest.shapes}
+    for f in manifest.files:
+        if not f.ranges:
+            continue
+        with safe_open(verify_file(manifest, f), framework="pt") as handle:
+            for name, (a, b) in f.ranges.items():
+                keep = unpack_bits(handle.get_tensor(f"{name}.keep"), b - a)
+                train = unpack_bits(handle.get_tensor(f"{name}.train"), b - a) & keep
+                n_keep, n_train = int(keep.sum()), int(train.sum())
+                c = counts[name]
+                c[0], c[1], c[2] = c[0] + n_train, c[1] + n_keep - n_train, c[2] + (b - a) - n_keep
+    return {n: (c[0], c[1], c[2]) for n, c in counts.items()}
 
 
 def _numel(shape) -> int:
