@@ -1,4 +1,4 @@
-"""Full model weights from a checkpoint of any world size or ZeRO stage, into a DeepSpeed engine.
+"""Full model weights from a checkpoint of any world size or ZeRO stage, into a DeepSpeed engine or a module.
 
 Used when resuming at another world size or stage, where DeepSpeed cannot load its own ZeRO
 checkpoint. The weights come from, in this order:
@@ -7,9 +7,9 @@ checkpoint. The weights come from, in this order:
   master weights from the ranks' partitions, for any saved world size and ZeRO stage 1-3;
 * ``model.safetensors`` (or its sharded index) written by the Trainer's ``save_model``.
 
-They are loaded into the module (ZeRO-3: gathered, rank 0 writes, DeepSpeed re-partitions) and the
-fp32 master partitions are refreshed from the module weights (exact for fp32 weights; with bf16
-weights the masters are rounded to bf16 once).
+Into an engine, they are loaded into the module (ZeRO-3: gathered, rank 0 writes, DeepSpeed
+re-partitions) and the fp32 master partitions are refreshed from the module weights (exact for fp32
+weights; with bf16 weights the masters are rounded to bf16 once).
 """
 
 from __future__ import annotations
@@ -57,10 +57,15 @@ def full_state_dict(checkpoint: str | os.PathLike) -> dict[str, torch.Tensor]:
     )
 
 
-def load_full_weights(engine: Any, checkpoint: str | os.PathLike) -> None:
-    """Load the full weights of ``checkpoint`` into a DeepSpeed engine of any ZeRO stage (collective)."""
+def load_full_weights(target: Any, checkpoint: str | os.PathLike) -> None:
+    """Load the full weights of ``checkpoint`` into a DeepSpeed engine of any ZeRO stage (collective), or
+    into a plain module (single process / DDP replica)."""
     sd = full_state_dict(checkpoint)
-    module = engine.module
+    if not hasattr(target, "load_module_state_dict"):
+        _check_covers(target, sd, checkpoint)
+        target.load_state_dict(sd, strict=False)
+        return
+    engine, module = target, target.module
     _check_covers(module, sd, checkpoint)
     zero = zero_optimizer_of(engine)
     stage3 = type(zero).__name__ == "DeepSpeedZeroOptimizer_Stage3"

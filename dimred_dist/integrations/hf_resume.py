@@ -34,7 +34,7 @@ import torch
 
 from dimred_dist.core.logging import get_logger
 from dimred_dist.distributed.checkpoint import (
-    CheckpointError, Manifest, check_model, read_manifest, same_partitioning,
+    DIMRED_DIR, MANIFEST, CheckpointError, Manifest, check_model, read_manifest, same_partitioning,
 )
 
 logger = get_logger(__name__)
@@ -80,7 +80,12 @@ class TrainerResume:
         self.installed = True
 
     def checkpoint_dir(self, args: Any, state: Any) -> str | None:
-        """The checkpoint this run resumes from, or None for a fresh run (call in ``on_train_begin``)."""
+        """The checkpoint this run resumes from, or None for a fresh run (call in ``on_train_begin``).
+
+        Also refuses, before any step, a run that would save into ``checkpoint-N`` folders of
+        ``output_dir`` that already hold a dimred state (the Trainer would overwrite them silently).
+        """
+        _check_no_later_checkpoints(args, state)
         if self.installed:
             return self.checkpoint
         if state.global_step > 0:
@@ -129,11 +134,11 @@ class TrainerResume:
             resume, self.manifest.world_size, self.manifest.zero_stage, world, stage, rng,
         )
         model, train_dataloader = orig(max_steps, train_dataloader, None, *args, **kwargs)
-        if t.is_deepspeed_enabled:
-            from dimred_dist.distributed.weights import load_full_weights
+        from dimred_dist.distributed.weights import load_full_weights
 
-            load_full_weights(t.model_wrapped, resume)
-        # Without DeepSpeed, Trainer.train() loaded model.safetensors before preparing.
+        # Without DeepSpeed, Trainer.train() loaded model.safetensors already; the fp32 masters of a
+        # ZeRO checkpoint are preferred to that (possibly bf16) copy.
+        load_full_weights(t.model_wrapped if t.is_deepspeed_enabled else t.model, resume)
         self._load_scheduler(resume)
         return model, train_dataloader
 
@@ -154,3 +159,20 @@ class TrainerResume:
             sched.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
         else:
             logger.warning("dimred: %s not found; the LR scheduler restarts from step 0", path)
+
+
+def _check_no_later_checkpoints(args: Any, state: Any) -> None:
+    if str(getattr(args.save_strategy, "value", args.save_strategy)) == "no":
+        return
+    later = sorted(
+        (p for p in Path(args.output_dir).glob("checkpoint-*")
+         if p.name.split("-")[-1].isdigit() and int(p.name.split("-")[-1]) > state.global_step
+         and (p / DIMRED_DIR / MANIFEST).is_file()),
+        key=lambda p: int(p.name.split("-")[-1]),
+    )
+    if later:
+        raise FileExistsError(
+            f"{args.output_dir} already holds dimred checkpoints after step {state.global_step} "
+            f"({', '.join(p.name for p in later[:5])}); this run would overwrite them. Use a fresh output_dir or "
+            "remove them."
+        )

@@ -8,7 +8,8 @@
         Resumes from CKPT (any world size / stage), compares the masks and weights right after the
         resume with the checkpoint's, trains to N and saves checkpoints every 2 steps.
         With ``--errors`` (one process), then resumes from a corrupted copy of CKPT and, for another
-        model, from CKPT itself, and records the errors.
+        model, from CKPT itself, and starts a fresh run whose output_dir already holds a later dimred
+        checkpoint; records the errors.
 
 Writes DIR/result_rank<r>.json.
 """
@@ -161,17 +162,20 @@ def errors(out: Path, src: Path) -> dict:
     blob = bytearray(f.read_bytes())
     blob[-1] ^= 0xFF
     f.write_bytes(bytes(blob))
-    for label, ckpt, n_embd in (("checksum", bad, 32), ("other_model", src, 48)):
+    stale = out / "run_later_checkpoint" / src.name  # a fresh run whose output_dir holds a later checkpoint
+    shutil.copytree(src, stale)
+    for label, ckpt, n_embd in (("checksum", bad, 32), ("other_model", src, 48), ("later_checkpoint", stale, 32)):
         before = {p: p.read_bytes() for p in Path(ckpt).rglob("*") if p.is_file()}
         trainer, dimred, _ = build(out / f"run_{label}", None, n_embd=n_embd)
         try:
-            trainer.train(resume_from_checkpoint=str(ckpt))
+            trainer.train(resume_from_checkpoint=None if label == "later_checkpoint" else str(ckpt))
             result[label] = {"error": None}
         except Exception as e:  # noqa: BLE001 - the test inspects the error
             result[label] = {"error": type(e).__name__, "message": str(e)}
         after = {p: p.read_bytes() for p in Path(ckpt).rglob("*") if p.is_file()}
         result[label]["checkpoint_untouched"] = before == after
-        result[label]["saved_checkpoints"] = sorted(p.name for p in (out / f"run_{label}").glob("checkpoint-*"))
+        result[label]["saved_checkpoints"] = sorted(p.name for p in (out / f"run_{label}").glob("checkpoint-*")
+                                                    if p != stale)
         result[label]["manager_built"] = dimred.manager is not None  # no step can have run without it
     return result
 

@@ -8,7 +8,8 @@ Real processes (tests/integrations/hf_resume_script.py), a tiny GPT-2 with RigL 
 * that ZeRO-2 checkpoint resumed by one plain process, whose checkpoint is then resumed by 2 ranks
   under ZeRO-3: right after each resume the masks and weights equal the saved ones, training goes on
   with pruned entries at 0 and the LR schedule where it was;
-* a corrupted checkpoint and a checkpoint of another model raise before any step and write nothing.
+* a corrupted checkpoint, a checkpoint of another model, and a fresh run whose output_dir already
+  holds a later dimred checkpoint raise before any step and write nothing.
 """
 
 from __future__ import annotations
@@ -101,10 +102,12 @@ def test_one_process_checkpoint_resumes_on_two_zero3_ranks(one_process, tmp_path
     assert ranks[0]["losses"] == ranks[1]["losses"]
 
 
-def test_bad_checksum_and_other_model_raise_before_training(one_process):
+def test_bad_checksum_other_model_and_later_checkpoint_raise_before_training(one_process):
     r = one_process[1]["errors"]
     assert r["checksum"]["error"] == "CheckpointError" and "checksum mismatch" in r["checksum"]["message"]
     assert r["other_model"]["error"] == "CheckpointError"
     assert "from another model: parameter 'transformer.wte.weight' has shape (61, 32)" in r["other_model"]["message"]
+    assert r["later_checkpoint"]["error"] == "FileExistsError"
+    assert "already holds dimred checkpoints after step 0 (checkpoint-4)" in r["later_checkpoint"]["message"]
     for case in r.values():
         assert case["checkpoint_untouched"] and case["saved_checkpoints"] == [] and not case["manager_built"]
