@@ -25,7 +25,11 @@ import time
 import traceback
 from typing import Any, Callable
 
-_PRELOAD = ["torch", "torch.distributed", "torch.nn.parallel", "dimred_dist", "pytest", "tests.dist_harness"]
+# torch._dynamo is imported by the first optimizer a process builds (~4 s); deepspeed by every ZeRO test.
+_PRELOAD = [
+    "torch", "torch.distributed", "torch.nn.parallel", "torch._dynamo", "deepspeed", "dimred_dist", "pytest",
+    "tests.dist_harness",
+]
 _CTX = mp.get_context("forkserver")
 _CTX.set_forkserver_preload(_PRELOAD)
 

@@ -108,8 +108,23 @@ class ZeroAdapter:
         group = getattr(self.zero, "dp_process_group", None)
         self.topology = Topology.detect(zero_stage=stage, group=group)
         self._coll = self.topology.collectives()
+        # Refuse before prepare() edits any weight: a failed set-up must leave the engine as it was.
+        self._check_installable()
         self._in_step = False
         self._z3_index: dict[int, tuple[int, int]] = {}
+
+    def _check_installable(self) -> None:
+        from dimred_dist.optim.compact import CompactOptimizer
+
+        if not isinstance(self.inner, CompactOptimizer):
+            raise TypeError(
+                f"DeepSpeed drives a {type(self.inner).__name__}, which keeps dense state for pruned and frozen entries. "
+                "Pass dimred_dist.optim.CompactAdamW (or CompactSGD) as the client optimizer to deepspeed.initialize "
+                "and remove the 'optimizer' section of the DeepSpeed config (with the HF Trainer: "
+                "optimizer_cls_and_kwargs=(CompactAdamW, {...}))."
+            )
+        if getattr(self.zero, "_dimred_installed", False):
+            raise RuntimeError("a DimRedManager is already installed on this DeepSpeed engine")
 
     @property
     def inner(self) -> torch.optim.Optimizer:
@@ -202,21 +217,11 @@ class ZeroAdapter:
 
         Returns the client optimizer, which must be a compact (mask-aware) optimizer.
         """
-        from dimred_dist.optim.compact import CompactOptimizer
-
         if optimizer is not None and zero_optimizer_of(optimizer) is not self.zero:
             raise ValueError("the optimizer passed to attach() is not the one of this adapter's DeepSpeed engine")
         if not pre_step:
             raise ValueError("under DeepSpeed the manager must run before the norm; pre_step=False is not possible")
-        if not isinstance(self.inner, CompactOptimizer):
-            raise TypeError(
-                f"DeepSpeed drives a {type(self.inner).__name__}, which keeps dense state for pruned and frozen entries. "
-                "Pass dimred_dist.optim.CompactAdamW (or CompactSGD) as the client optimizer to deepspeed.initialize "
-                "and remove the 'optimizer' section of the DeepSpeed config (with the HF Trainer: "
-                "optimizer_cls_and_kwargs=(CompactAdamW, {...}))."
-            )
-        if getattr(self.zero, "_dimred_installed", False):
-            raise RuntimeError("a DimRedManager is already installed on this DeepSpeed engine")
+        self._check_installable()
         zero, orig_step = self.zero, self.zero.step
 
         def step(this, *args, **kwargs):

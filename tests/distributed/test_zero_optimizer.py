@@ -7,7 +7,7 @@
 * DeepSpeed's gradient norm (what it clips with) is the norm of the masked gradient;
 * optimizer state per rank is at most ``(density + 0.02)`` of dense AdamW's 8 bytes per entry;
 * set-ups the manager cannot serve fail in ``attach_to_engine``, before any step, hook nothing and
-  (known bug, strict xfail) change no weight;
+  change no weight;
 * whole-tensor freezing before ``deepspeed.initialize`` allocates no fp32 master or state for it;
 * no launch leaves a DeepSpeed shared-memory file in ``/dev/shm``.
 """
@@ -207,18 +207,7 @@ def test_unsupported_setups_fail_at_attach(case):
     assert ranks[0]["error"] == ranks[1]["error"]
 
 
-_PRUNES_BEFORE_CHECKING = pytest.mark.xfail(
-    strict=True,
-    reason="bug: attach_to_engine runs manager.prepare() (which prunes the masters and propagates them into "
-    "the module weights) before ZeroAdapter.install() checks the client optimizer type and a second "
-    "installation; see dimred_dist/integrations/deepspeed.py attach_to_engine",
-)
-
-
-@pytest.mark.parametrize(
-    "case",
-    [pytest.param(c, marks=_PRUNES_BEFORE_CHECKING) if c.startswith(("non_compact", "second")) else c for c in ERRORS],
-)
+@pytest.mark.parametrize("case", ERRORS)
 def test_failed_attach_leaves_the_weights_alone(case):
     """A rejected set-up must not have pruned anything: the user may fix the config and go on."""
     for rank, r in enumerate(scenario(setup(), case)):
