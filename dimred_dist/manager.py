@@ -66,6 +66,7 @@ class DimRedManager:
         #: and the method's metrics without the ``dimred/`` prefix (``churn``, ``drop_fraction``).
         self.topology_history: list[dict[str, float]] = []
         self._ever: EverActive | None = None
+        self._synced_epoch = -1
 
     # ---- set-up --------------------------------------------------------------------------
     def prepare(self, *, resuming: bool = False) -> DimRedManager:
@@ -128,6 +129,8 @@ class DimRedManager:
                 self._ever.update(self.ctx.state)
             self.apply_masks(propagate=False)
             self.sync_optimizer()
+        elif isinstance(self.optimizer, CompactOptimizer) and not self._optimizer_in_sync():
+            self.sync_optimizer()  # its state was loaded from elsewhere: the manager's masks rule
         self.mask_gradients()
 
     def after_optimizer_step(self) -> None:
@@ -140,10 +143,11 @@ class DimRedManager:
         self.step += 1
 
     def mask_gradients(self) -> None:
+        """Zero the gradients of entries that are not TRAIN (exact zeros, even where one is inf or NaN)."""
         for name, v in self.ctx.views.items():
             g = v.grad()
             if g is not None:
-                g.masked_fill_(~self.ctx.state[name].train, 0.0)
+                torch.where(self.ctx.state[name].train, g, g.new_zeros(()), out=g)
 
     @torch.no_grad()
     def apply_masks(self, *, propagate: bool = True) -> None:
@@ -165,7 +169,13 @@ class DimRedManager:
 
     @torch.no_grad()
     def enforce_weights(self, flats: set[int] | None = None) -> None:
-        """Zero PRUNE and restore FREEZE entries (only of views on the flat tensors ``flats``, if given)."""
+        """Zero PRUNE and restore FREEZE entries (only of views on the flat tensors ``flats``, if given).
+
+        Nothing to do after the step of a compact optimizer that holds the current masks: it writes
+        TRAIN entries only, so PRUNE entries stay 0 and FREEZE entries keep their value.
+        """
+        if self._optimizer_in_sync():
+            return
         for name, v in self.ctx.views.items():
             if flats is not None and id(getattr(v, "flat", None)) not in flats:
                 continue
@@ -179,7 +189,12 @@ class DimRedManager:
         """Give a compact optimizer the current TRAIN masks (regrown entries restart their moments)."""
         if isinstance(self.optimizer, CompactOptimizer):
             self.adapter.sync_optimizer(self.optimizer, self.ctx.views, self.ctx.state, self.ctx.regrown)
+            self._synced_epoch = self.optimizer.mask_epoch
         self.ctx.regrown.clear()
+
+    def _optimizer_in_sync(self) -> bool:
+        """Whether the optimizer is compact and its masks are the ones this manager last gave it."""
+        return isinstance(self.optimizer, CompactOptimizer) and self.optimizer.mask_epoch == self._synced_epoch
 
     def attach(self, optimizer: Any, *, pre_step: bool = True) -> DimRedManager:
         """Run the manager around every optimizer step.

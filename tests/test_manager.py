@@ -11,12 +11,16 @@ import torch.nn.functional as F
 
 from dimred_dist import DimRedManager
 from dimred_dist.core.state import ElementState
+from dimred_dist.optim import CompactAdamW, CompactSGD
 from tests.dist_harness import run_distributed
 from tests.models import masks, mlp, recipe
 
 OPTIMIZERS = {
     "adamw": lambda ps: torch.optim.AdamW(ps, lr=0.05, weight_decay=0.1),
     "sgd_momentum": lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, weight_decay=0.1),
+    # compact optimizers write TRAIN entries only: the manager skips its own weight enforcement
+    "compact_adamw": lambda ps: CompactAdamW(ps, lr=0.05, weight_decay=0.1),
+    "compact_sgd": lambda ps: CompactSGD(ps, lr=0.1, momentum=0.9, weight_decay=0.1),
 }
 
 
@@ -68,6 +72,26 @@ def test_enforcement_in_a_plain_loop(method, opt_name):
         n_frozen = int(ps.freeze_mask().sum())
         assert (n_frozen > 0) == (method == "random_freeze")
     assert not torch.equal(params["0.bias"], w0["0.bias"])  # unmanaged parameters train normally
+
+
+def test_optimizer_state_loaded_from_elsewhere_gets_the_managers_masks_back():
+    model = mlp()
+    mgr = DimRedManager(recipe("random_freeze", 0.6, "erk"), model).prepare()
+    w0 = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = CompactAdamW(model.parameters(), lr=0.05, weight_decay=0.1)
+    mgr.attach(opt)
+    _train(model, opt, _batches(2))
+    # a state dict from an optimizer that trains everything (another run, a dense checkpoint)
+    foreign = CompactAdamW(mlp().parameters(), lr=0.05, weight_decay=0.1)
+    opt.load_state_dict(foreign.state_dict())
+    assert all(opt.train_mask(p) is None for p in model.parameters())
+    _train(model, opt, _batches(2, seed=1))
+    params = dict(model.named_parameters())
+    for ps in mgr.state:
+        assert torch.equal(opt.train_mask(params[ps.name]).reshape(ps.train.shape), ps.train), ps.name
+        w = params[ps.name].detach().reshape(-1)
+        assert _is_plus_zero(w[ps.prune_mask()]), ps.name
+        assert torch.equal(w[ps.freeze_mask()], w0[ps.name].reshape(-1)[ps.freeze_mask()]), ps.name
 
 
 def test_metrics():
