@@ -57,36 +57,90 @@ def score_keys(scores: torch.Tensor) -> torch.Tensor:
     return keys
 
 
+def _keys32(scores: torch.Tensor) -> torch.Tensor:
+    """:func:`score_keys` minus ``2**31`` as int32: the same order in half the bytes."""
+    if scores.dtype.is_floating_point:
+        keys = (scores.detach().reshape(-1).to(torch.float32) + 0.0).view(torch.int32)  # a copy; -0.0 -> +0.0
+        # IEEE floats order like sign-magnitude integers: flip the magnitude bits of negative ones
+        keys ^= (keys >> 31) & 0x7FFFFFFF
+        return keys
+    return (scores.detach().reshape(-1).to(torch.int64) - (1 << 31)).to(torch.int32)
+
+
+def _check_scores(scores: torch.Tensor) -> None:
+    if scores.dtype.is_floating_point:
+        if bool(torch.isnan(scores).any()):
+            raise ValueError("scores contain NaN; a NaN cannot be ranked")
+    elif scores.numel() and (int(scores.min()) < 0 or int(scores.max()) >= _U32):
+        raise ValueError("integer scores must lie in [0, 2**32)")
+
+
 def _index_bytes(size: int) -> int:
     return (max(size - 1, 0).bit_length() + 7) // 8
 
 
 class _SegState:
+    """Selection state of one segment: kept and candidate masks (1 byte per entry each).
+
+    Keys are not stored: a round computes the digit it needs from the scores, for every entry of
+    the segment while at least 1/8 of them are candidates (no index arrays), else for the
+    candidates' positions only.
+    """
+
     def __init__(self, seg: Segment, size: int) -> None:
         self.seg = seg
-        self.keys = score_keys(seg.scores)
-        n = self.keys.numel()
+        self.scores = seg.scores.reshape(-1)
+        _check_scores(self.scores)
+        n = self.scores.numel()
         if seg.start < 0 or seg.start + n > size:
             raise ValueError(f"segment [{seg.start}, {seg.start + n}) outside group {seg.group} of size {size}")
         self.size = size
-        self.kept = torch.zeros(n, dtype=torch.bool, device=self.keys.device)
+        device = self.scores.device
+        self.kept = torch.zeros(n, dtype=torch.bool, device=device)
         self.cand = (
-            torch.ones(n, dtype=torch.bool, device=self.keys.device)
+            torch.ones(n, dtype=torch.bool, device=device)
             if seg.eligible is None
-            else seg.eligible.reshape(-1).to(self.keys.device, torch.bool).clone()
+            else seg.eligible.reshape(-1).to(device, torch.bool).clone()
         )
+        self.ncand = int(self.cand.sum())
 
-    def digits(self, d: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Positions of the candidates and their digit at byte position ``d`` of the composite key."""
-        pos = self.cand.nonzero().squeeze(1)
+    def digits(self, d: int) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """Byte ``d`` (most significant first) of the composite keys, as uint8.
+
+        Returns ``(None, digits of every entry)`` while candidates are many, else ``(positions of
+        the candidates, their digits)``.
+        """
+        n = self.kept.numel()
+        pos = None if self.ncand * 8 >= n else self.cand.nonzero().squeeze(1)
         if d < 4:
-            return pos, (self.keys[pos] >> (8 * (3 - d))) & 255
-        nib = _index_bytes(self.size)
-        j = d - 4
+            keys = _keys32(self.scores if pos is None else self.scores[pos])
+            shift = 8 * (3 - d)
+            dig = (keys >> shift) if shift else keys
+            dig &= 255
+            if d == 0:
+                dig ^= 128  # the sign bit of the int32 key is the top bit of the unsigned one
+            return pos, dig.to(torch.uint8)
+        nib, j = _index_bytes(self.size), d - 4
+        m = n if pos is None else pos.numel()
         if j >= nib:
-            return pos, torch.zeros_like(pos)
-        ikey = (self.size - 1) - (self.seg.start + pos)
-        return pos, (ikey >> (8 * (nib - 1 - j))) & 255
+            return pos, torch.zeros(m, dtype=torch.uint8, device=self.kept.device)
+        if pos is None:
+            dtype = torch.int32 if self.size < (1 << 31) else torch.int64
+            pos_or_all = torch.arange(n, dtype=dtype, device=self.kept.device)
+        else:
+            pos_or_all = pos
+        ikey = (self.size - 1 - self.seg.start) - pos_or_all
+        return pos, ((ikey >> (8 * (nib - 1 - j))) & 255).to(torch.uint8)
+
+    def narrow(self, pos: torch.Tensor | None, dig: torch.Tensor, b: int, count: int) -> None:
+        """Keep candidates whose digit is above ``b``, drop those below; ``count`` remain."""
+        if pos is None:
+            self.kept |= self.cand & (dig > b)
+            self.cand &= dig == b
+        else:
+            self.kept[pos[dig > b]] = True
+            self.cand[pos[dig != b]] = False
+        self.ncand = count
 
 
 def exact_topk_masks(
@@ -110,7 +164,7 @@ def exact_topk_masks(
     states = [_SegState(s, sizes[s.group]) for s in segments]
     local = torch.zeros(n_groups, dtype=torch.int64)
     for st in states:
-        local[st.seg.group] += int(st.cand.sum())
+        local[st.seg.group] += st.ncand
     ncand = coll.all_reduce_sum(local).tolist()
     need = list(ks)
     for g in range(n_groups):
@@ -127,8 +181,9 @@ def exact_topk_masks(
         for st in states:
             if st.seg.group in row:
                 pos, dig = st.digits(d)
-                hist[row[st.seg.group]] += torch.bincount(dig.cpu(), minlength=256)
-                cache.append((st, pos, dig))
+                counts = torch.bincount((dig if pos is not None else dig[st.cand]).cpu(), minlength=256)
+                hist[row[st.seg.group]] += counts
+                cache.append((st, pos, dig, counts))
         hist = coll.all_reduce_sum(hist)
         rev = hist.flip(1).cumsum(1)
         chosen: dict[int, int] = {}
@@ -137,10 +192,9 @@ def exact_topk_masks(
             chosen[g] = 255 - j
             need[g] -= int(rev[i, j] - hist[i, 255 - j])
             ncand[g] = int(hist[i, 255 - j])
-        for st, pos, dig in cache:
+        for st, pos, dig, counts in cache:
             b = chosen[st.seg.group]
-            st.kept[pos[dig > b]] = True
-            st.cand[pos[dig != b]] = False
+            st.narrow(pos, dig, b, int(counts[b]))
         active = _resolve(states, need, ncand, active)
     if active:
         raise RuntimeError(f"radix select left groups {active} unresolved; keys are not unique")
@@ -157,6 +211,7 @@ def _resolve(states: list[_SegState], need: list[int], ncand: list[int], groups)
                     if need[g]:
                         st.kept |= st.cand
                     st.cand.zero_()
+                    st.ncand = 0
         else:
             still.append(g)
     return still

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from dimred_dist.distributed.collectives import TorchCollectives
-from dimred_dist.distributed.topk import Segment, exact_topk_masks, reference_topk_mask, score_keys
+from dimred_dist.distributed.topk import Segment, _keys32, exact_topk_masks, reference_topk_mask, score_keys
 from tests.dist_harness import run_distributed
 from tests.distributed.topk_cases import (
     CountingCollectives,
@@ -29,6 +29,18 @@ def test_score_keys_preserve_order_and_merge_signed_zeros():
     assert score_keys(torch.tensor([-0.0])).item() == score_keys(torch.tensor([0.0])).item()
     assert torch.equal(score_keys(torch.tensor([7, 0, 2**32 - 1])), torch.tensor([7, 0, 2**32 - 1]))
     assert torch.equal(score_keys(torch.tensor([0.5], dtype=torch.float64)), score_keys(torch.tensor([0.5])))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.int64])
+def test_int32_keys_of_the_select_are_the_score_keys_shifted(dtype):
+    if dtype == torch.int64:
+        s = torch.tensor([0, 1, 2**31 - 1, 2**31, 2**32 - 1, 12345])
+    else:
+        s = torch.cat([torch.tensor([-float("inf"), -0.0, 0.0, 1e-45, -1e-45, float("inf")]),
+                       torch.randn(1000, generator=torch.Generator().manual_seed(0)) * 1e3]).to(dtype)
+    k32 = _keys32(s)
+    assert k32.dtype == torch.int32
+    assert torch.equal(k32.to(torch.int64) + 2**31, score_keys(s))
 
 
 def test_hand_worked_ties_go_to_the_lowest_index():
