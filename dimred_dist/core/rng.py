@@ -39,14 +39,20 @@ def name_key(name: str) -> int:
     return zlib.crc32(name.encode("utf-8")) & _M32
 
 
+#: Entries hashed at a time by :func:`random_uint32`.
+_BLOCK = 1 << 20
+
+
 def random_uint32(seed: int, step: int, name: str, start: int, end: int, *, salt: int = 0) -> torch.Tensor:
     """32-bit random integers (as int64) for global flat indices ``start .. end-1`` of parameter ``name``."""
     h = 0x6A09E667
     for word in (seed & _M32, (seed >> 32) & _M32, step & _M32, (step >> 32) & _M32, name_key(name), salt & _M32):
         h = _combine(h, word)
-    idx = torch.arange(start, end, dtype=torch.int64)
-    out = _combine(torch.full_like(idx, h), idx & _M32)
-    return _combine(out, idx >> 32)
+    out = torch.empty(max(end - start, 0), dtype=torch.int64)
+    for lo in range(start, end, _BLOCK):  # in blocks: the hash's int64 temporaries stay small
+        idx = torch.arange(lo, min(lo + _BLOCK, end), dtype=torch.int64)
+        out[lo - start : lo - start + idx.numel()] = _combine(_combine(torch.full_like(idx, h), idx & _M32), idx >> 32)
+    return out
 
 
 def random_uniform(seed: int, step: int, name: str, start: int, end: int, *, salt: int = 0) -> torch.Tensor:

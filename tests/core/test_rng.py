@@ -7,6 +7,7 @@ import zlib
 import pytest
 import torch
 
+from dimred_dist.core import rng
 from dimred_dist.core.rng import name_key, random_uint32, random_uniform
 
 M32 = 0xFFFFFFFF
@@ -58,6 +59,13 @@ def test_same_number_for_a_global_index_whatever_the_slice():
     assert torch.equal(torch.cat(pieces), full)
     assert torch.equal(random_uint32(3, 11, "w", 4321, 4322), full[4321:4322])
     assert random_uint32(3, 11, "w", 7, 7).numel() == 0
+
+
+@pytest.mark.parametrize("block", [1, 7, 64])
+def test_hashing_in_blocks_gives_the_same_numbers(monkeypatch, block):
+    full = random_uint32(5, 2, "w", 100, 1100)
+    monkeypatch.setattr(rng, "_BLOCK", block)
+    assert torch.equal(random_uint32(5, 2, "w", 100, 1100), full)
 
 
 def test_range_and_dtype():
