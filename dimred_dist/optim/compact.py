@@ -82,22 +82,47 @@ class CompactOptimizer(torch.optim.Optimizer):
             if mask.numel() != p.numel():
                 raise ValueError(f"train mask has {mask.numel()} entries, parameter has {p.numel()}")
         st = self.state[p]
-        old = self.train_mask(p)
-        for k in self.moment_names:
-            if k in st:
-                full = torch.zeros(p.numel(), dtype=st[k].dtype, device=p.device)
-                if old is None:
-                    full.copy_(st[k])
-                else:
-                    full[old] = st[k]
-                if reset is not None:
-                    full[reset.reshape(-1).to(full.device, torch.bool)] = 0
-                st[k] = full if mask is None else full[mask].clone()
+        if reset is not None:
+            reset = reset.reshape(-1).to(device=p.device, dtype=torch.bool)
+        if any(k in st for k in self.moment_names):
+            self._recompact(p, st, mask, reset)
         if mask is None:
             st.pop("mask_bits", None)
         else:
             st["mask_bits"] = pack_bits(mask)
         self.mask_epoch += 1
+
+    def _recompact(self, p: torch.Tensor, st: dict[str, Any], mask: torch.Tensor | None,
+                   reset: torch.Tensor | None) -> None:
+        """Move the moments from the old TRAIN entries to ``mask``'s, block by block.
+
+        Only the new compact moments are allocated next to the old ones: no full-size moment tensor.
+        """
+        n = p.numel()
+        bits = st.get("mask_bits")
+        new_count = n if mask is None else int(mask.sum())
+        block = self.block_numel if p.device.type == "cpu" else max(n, 1)
+        for k in self.moment_names:
+            if k not in st:
+                continue
+            src = st[k]
+            dst = torch.zeros(new_count, dtype=src.dtype, device=src.device)
+            pos_old = pos_new = 0
+            for s in range(0, n, block):
+                e = min(s + block, n)
+                old_b = None if bits is None else unpack_bits(bits[s // 8 : (e + 7) // 8], e - s)
+                c_old = e - s if old_b is None else int(old_b.sum())
+                full = src[pos_old : pos_old + c_old]
+                if old_b is not None:
+                    full = torch.zeros(e - s, dtype=src.dtype, device=src.device).masked_scatter_(old_b, full)
+                if reset is not None:
+                    full = full.masked_fill(reset[s:e], 0)
+                new_b = None if mask is None else mask[s:e]
+                part = full if new_b is None else full[new_b]
+                dst[pos_new : pos_new + part.numel()] = part
+                pos_old += c_old
+                pos_new += part.numel()
+            st[k] = dst
 
     #: Entries per block of a masked step on CPU. A block's unpacked mask, indices and gathered values
     #: stay in cache and no full-size temporary is made; this halves the step time on a 62M-entry
