@@ -112,11 +112,19 @@ def build_model(mc: ModelConfig, label_names: list[str] | None, pad_token_id: in
         if pad_token_id is not None:
             extra["pad_token_id"] = pad_token_id
     if mc.pretrained is not None:
-        return auto.from_pretrained(mc.pretrained, **extra)
-    config = mc.hf_config()
-    for key, value in extra.items():
-        setattr(config, key, value)
-    return auto.from_config(config)
+        model = auto.from_pretrained(mc.pretrained, **extra)
+    else:
+        config = mc.hf_config()
+        for key, value in extra.items():
+            setattr(config, key, value)
+        model = auto.from_config(config)
+    if mc.task == "sequence-classification":
+        # The classification heads average their loss over the local batch and ignore the
+        # ``num_items_in_batch`` the Trainer passes to any forward with ``**kwargs``; the Trainer then
+        # multiplies the loss by the world size (average_tokens_across_devices), so gradients and the
+        # logged loss would be world-size times too large. Declaring the model kwarg-blind stops that.
+        model.accepts_loss_kwargs = False
+    return model
 
 
 def run(job: JobConfig, plan: RunPlan, args: Any, *, job_path: str) -> dict[str, Any]:
