@@ -156,16 +156,26 @@ class DimRedManager:
         ``propagate`` copies the edited masters into every weight copy the framework keeps; inside
         an optimizer step that copy happens anyway.
         """
-        self._frozen.clear()
         for name, v in self.ctx.views.items():
-            ps = self.ctx.state[name]
-            w = v.weight()
-            w.masked_fill_(~ps.keep, 0.0)
-            freeze = ps.freeze_mask()
-            if bool(freeze.any()):
-                self._frozen[name] = w[freeze].clone()
+            v.weight().masked_fill_(~self.ctx.state[name].keep, 0.0)
+        self._capture_frozen()
         if propagate:
             self.adapter.weights_edited()
+
+    @torch.no_grad()
+    def _capture_frozen(self) -> None:
+        """Copy the values of FREEZE entries, which :meth:`enforce_weights` restores after a step.
+
+        Not with a compact optimizer: it never writes an entry that is not TRAIN, so the copy (4 bytes
+        per frozen entry and rank, half of the Adam state that freezing gives back) is not needed.
+        """
+        self._frozen.clear()
+        if isinstance(self.optimizer, CompactOptimizer):
+            return
+        for name, v in self.ctx.views.items():
+            freeze = self.ctx.state[name].freeze_mask()
+            if bool(freeze.any()):
+                self._frozen[name] = v.weight()[freeze].clone()
 
     @torch.no_grad()
     def enforce_weights(self, flats: set[int] | None = None) -> None:
@@ -212,6 +222,7 @@ class DimRedManager:
         self._require_prepared()
         self.optimizer = self.adapter.install(self, optimizer, pre_step=pre_step)
         self.sync_optimizer()
+        self._capture_frozen()
         return self
 
     def detach(self) -> None:

@@ -94,6 +94,28 @@ def test_optimizer_state_loaded_from_elsewhere_gets_the_managers_masks_back():
         assert torch.equal(w[ps.freeze_mask()], w0[ps.name].reshape(-1)[ps.freeze_mask()]), ps.name
 
 
+def test_no_copy_of_frozen_values_with_a_compact_optimizer():
+    model = mlp()
+    w0 = {n: p.detach().clone() for n, p in model.named_parameters()}
+    mgr = DimRedManager(recipe("random_freeze", 0.8, "erk"), model).prepare()
+    assert mgr._frozen, "a plain manager keeps the values it restores"
+    opt = CompactAdamW(model.parameters(), lr=0.05, weight_decay=0.1)
+    mgr.attach(opt)
+    assert mgr._frozen == {}, "the compact optimizer never writes FREEZE entries: no copy needed"
+    _train(model, opt, _batches(3))
+    # another optimizer later: the values are captured again, from weights that never moved
+    mgr.detach()
+    sgd = torch.optim.SGD(model.parameters(), lr=0.1, weight_decay=0.1)
+    mgr.attach(sgd)
+    assert mgr._frozen
+    _train(model, sgd, _batches(3, seed=2))
+    params = dict(model.named_parameters())
+    for ps in mgr.state:
+        f = ps.freeze_mask()
+        assert int(f.sum()) > 0
+        assert torch.equal(params[ps.name].detach().reshape(-1)[f], w0[ps.name].reshape(-1)[f]), ps.name
+
+
 def test_metrics():
     model = mlp()
     mgr = DimRedManager(recipe("random_freeze", 0.6, "erk"), model).prepare()
