@@ -9,19 +9,16 @@ model is far too small for them to mean anything.
 
 from __future__ import annotations
 
-import glob
 import json
-import os
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+
+from tests.launch import REPO, run_launcher
 
 pytest.importorskip("deepspeed")
 pytest.importorskip("transformers")
 
-REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "scripts" / "bench_memory.py"
 #: Fixed, and distinct from the other DeepSpeed tests' ports: DeepSpeed's CPU shared-memory
 #: all-reduce leaves a buffer file per rank and port in /dev/shm (removed below anyway).
@@ -38,12 +35,7 @@ def records(tmp_path_factory) -> list[dict]:
     out = tmp_path_factory.mktemp("bench_memory") / "bench.json"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(PORT),
            str(SCRIPT), "--quick", "--json", str(out)]
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    try:
-        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    finally:
-        for f in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{PORT}_*"):
-            os.remove(f)
+    proc = run_launcher(cmd, PORT, timeout=300)
     # Judged by what rank 0 wrote: the file is written before the closing barrier.
     assert out.is_file(), f"rc={proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
     return json.loads(out.read_text())

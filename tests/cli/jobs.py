@@ -7,20 +7,18 @@ code alone (a rare teardown abort after a written summary must not hide the resu
 
 from __future__ import annotations
 
-import glob
 import json
 import os
 import random
 import signal
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-REPO = Path(__file__).resolve().parents[2]
-BIN = Path(sys.executable).parent
+from tests.launch import BIN, REPO, remove_shm_files
+
 WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "while", "sparse", "networks", "prune",
          "and", "freeze", "their", "weights"]
 
@@ -118,8 +116,7 @@ def launch(cmds: list[list[str]], tmp: Path, port: int, timeout: float = 240) ->
         for p, _ in procs:
             if p.poll() is None:
                 _kill_group(p)
-        for f in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{port}_*"):
-            os.remove(f)
+        remove_shm_files(port)
 
 
 def _kill_group(p: subprocess.Popen) -> None:

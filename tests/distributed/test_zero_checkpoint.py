@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import glob
 import json
-import os
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.launch import REPO, run_launcher
+
 SCRIPT = REPO / "tests" / "distributed" / "zero_checkpoint_script.py"
 
 pytestmark = pytest.mark.distributed
@@ -21,12 +18,7 @@ pytestmark = pytest.mark.distributed
 def test_resume_through_deepspeed_checkpoint_is_exact(tmp_path, stage, port):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
            str(SCRIPT), str(stage), str(tmp_path)]
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    try:
-        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
-    finally:
-        for f in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{port}_*"):
-            os.remove(f)
+    proc = run_launcher(cmd, port, timeout=240)
     paths = [tmp_path / f"result_rank{r}.json" for r in (0, 1)]
     assert all(p.is_file() for p in paths), proc.stdout[-3000:] + proc.stderr[-3000:]
     for p in paths:

@@ -14,20 +14,16 @@ Real processes (tests/integrations/hf_resume_script.py), a tiny GPT-2 with RigL 
 
 from __future__ import annotations
 
-import glob
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
 from dimred_dist.distributed.checkpoint import read_manifest
+from tests.launch import BIN, REPO, run_launcher
 
-REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "tests" / "integrations" / "hf_resume_script.py"
-BIN = Path(sys.executable).parent
 
 pytestmark = pytest.mark.distributed
 
@@ -38,13 +34,7 @@ def _run(mode: str, out: Path, *extra: str, port: int | None = None, zero: Path 
         cmd, ranks = [sys.executable, *args], 1
     else:
         cmd, ranks = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(port), *args], 2
-    env = dict(os.environ, PYTHONPATH=str(REPO), WANDB_MODE="disabled")
-    try:
-        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    finally:
-        if port is not None:  # DeepSpeed's CPU shared-memory all-reduce leaves one file per rank and port
-            for f in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{port}_*"):
-                os.remove(f)
+    proc = run_launcher(cmd, port, timeout=300, WANDB_MODE="disabled")
     paths = [out / f"result_rank{r}.json" for r in range(ranks)]
     assert all(p.is_file() for p in paths), proc.stdout[-3000:] + proc.stderr[-3000:]
     return [json.loads(p.read_text()) for p in paths]

@@ -8,18 +8,15 @@ history, and the ranks agree on the metrics.
 
 from __future__ import annotations
 
-import glob
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.launch import BIN, REPO, run_launcher
+
 SCRIPT = REPO / "tests" / "integrations" / "hf_trainer_script.py"
-BIN = Path(sys.executable).parent
 
 pytestmark = pytest.mark.distributed
 
@@ -31,13 +28,7 @@ def _launch(launcher: str, stage: int, out: Path, port: int) -> subprocess.Compl
     else:
         cmd = [str(BIN / "accelerate"), "launch", "--config_file", str(REPO / "launch" / "accelerate" / f"zero{stage}.yaml"),
                "--main_process_port", str(port), str(SCRIPT), "--out", str(out)]
-    env = dict(os.environ, PYTHONPATH=str(REPO), WANDB_MODE="disabled")
-    try:
-        return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
-    finally:
-        # DeepSpeed's CPU shared-memory all-reduce leaves one buffer file per rank and port.
-        for f in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{port}_*"):
-            os.remove(f)
+    return run_launcher(cmd, port, timeout=240, WANDB_MODE="disabled")
 
 
 @pytest.mark.parametrize(

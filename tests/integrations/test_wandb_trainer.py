@@ -9,20 +9,16 @@ images whose PNG files are in the run's media folder; the same PNGs are in ``{ou
 
 from __future__ import annotations
 
-import glob
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from tests.integrations import wandb_offline
+from tests.launch import BIN, REPO, run_launcher
 
-REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "tests" / "integrations" / "wandb_trainer_script.py"
-BIN = Path(sys.executable).parent
 PORT = 29631
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -32,13 +28,8 @@ pytestmark = pytest.mark.distributed
 def _launch(out: Path) -> subprocess.CompletedProcess:
     cmd = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(PORT), str(SCRIPT), "--out", str(out),
            "--zero-config", str(REPO / "configs" / "deepspeed" / "zero2.json")]
-    env = dict(os.environ, PYTHONPATH=str(REPO), WANDB_MODE="offline", WANDB_DIR=str(out), WANDB_SILENT="true",
-               WANDB_PROJECT="dimred-test", WANDB_CONSOLE="off")
-    try:
-        return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240, check=False)
-    finally:
-        for f in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{PORT}_*"):
-            os.remove(f)
+    return run_launcher(cmd, PORT, timeout=240, WANDB_MODE="offline", WANDB_DIR=str(out), WANDB_SILENT="true",
+                        WANDB_PROJECT="dimred-test", WANDB_CONSOLE="off")
 
 
 @pytest.fixture(scope="module")
