@@ -78,6 +78,7 @@ import dimred_dist  # noqa: E402
 from dimred_dist.core.targets import TargetConfig, select_parameters  # noqa: E402
 from dimred_dist.integrations.deepspeed import attach_to_engine, trainable  # noqa: E402
 from dimred_dist.optim import CompactAdamW  # noqa: E402
+from dimred_dist.optim.compact import state_tensor_bytes  # noqa: E402
 
 LR = 1e-4
 WEIGHT_DECAY = 0.01
@@ -213,16 +214,6 @@ def drop_engine_buffers(engine: Any, model: torch.nn.Module) -> None:
         m._backward_hooks.clear()
 
 
-def opt_state_bytes(opt: torch.optim.Optimizer) -> int:
-    """Bytes of every tensor in the optimizer's per-parameter state."""
-    total = 0
-    for st in opt.state.values():
-        for v in st.values():
-            if torch.is_tensor(v):
-                total += v.numel() * v.element_size()
-    return total
-
-
 def opt_train_entries(opt: torch.optim.Optimizer) -> tuple[int, int]:
     """(TRAIN entries, all entries) over the tensors a (compact) optimizer updates on this rank."""
     # ZeRO-3 puts its flat partitions into the client optimizer's param_groups only inside step():
@@ -342,7 +333,7 @@ def run_config(args, stage: int, density: float | None, counts: tuple[int, int])
     step_s, opt_s, cpu_s, load = [], [], [], []
     for i in range(total):
         if i == update_step:
-            before_update = opt_state_bytes(inner)
+            before_update = state_tensor_bytes(inner)
             peak_steady = peak_rss()
             out["rss_steps_end_bytes"] = current_rss()
             reset_peak_rss()
@@ -371,7 +362,7 @@ def run_config(args, stage: int, density: float | None, counts: tuple[int, int])
     out["kinds"] = (["warmup"] * args.warmup + ["timed"] * n_timed
                     + (["topology_update"] if update_step is not None else []))
 
-    out["opt_state_bytes"] = opt_state_bytes(inner)
+    out["opt_state_bytes"] = state_tensor_bytes(inner)
     # The TRAIN entries a rank owns move with a topology update (the budgets are per layer, not per
     # rank): the state is counted before the update step too, and the larger count is reported.
     out["opt_state_bytes_before_update"] = out["opt_state_bytes"] if before_update is None else before_update

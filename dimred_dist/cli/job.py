@@ -33,7 +33,7 @@ from typing import Any
 
 import yaml
 
-from dimred_dist.core.config import Recipe, build_dataclass, load_recipe
+from dimred_dist.core.config import Recipe, build_dataclass, load_recipe, read_yaml_mapping
 
 TASKS = ("causal-lm", "sequence-classification")
 FORMATS = ("text", "csv", "json")
@@ -301,12 +301,7 @@ def load_job(path: str, overrides: list[str] | None = None) -> JobConfig:
         path: The job YAML.
         overrides: ``section.key=value`` strings (value parsed as YAML), applied before validation.
     """
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"job file not found: {path}")
-    with open(path, encoding="utf-8") as f:
-        data = yaml.safe_load(f)
-    if not isinstance(data, dict):
-        raise TypeError(f"{path}: a job must be a YAML mapping, got {type(data).__name__}")
+    data = read_yaml_mapping(path, "job")
     for item in overrides or []:
         apply_override(data, item)
     missing = [k for k in ("model", "data", "recipe", "training") if k not in data]
@@ -322,11 +317,7 @@ def apply_override(data: dict[str, Any], item: str) -> None:
         raise ValueError(f"--set expects section.key=value, got {item!r}")
     parts = key.split(".")
     if parts[0] == "recipe" and len(parts) > 1 and isinstance(data.get("recipe"), str):
-        recipe_path = data["recipe"]
-        if not os.path.isfile(recipe_path):
-            raise FileNotFoundError(f"recipe file not found: {recipe_path}")
-        with open(recipe_path, encoding="utf-8") as f:
-            data["recipe"] = yaml.safe_load(f)
+        data["recipe"] = read_yaml_mapping(data["recipe"], "recipe")
     node = data
     for p in parts[:-1]:
         if node.get(p) is None:

@@ -228,14 +228,10 @@ def _max_abs_pruned(mgr: Any, stage: int | None) -> float:
     """Largest |w| over this rank's PRUNE entries, read from the module's (gathered) weights."""
     import torch
 
-    params = list(mgr.params.values())
-    gathered = torch.no_grad()
-    if stage == 3:
-        import deepspeed
+    from dimred_dist.distributed.zero import gathered_parameters
 
-        gathered = deepspeed.zero.GatheredParameters(params, enabled=True)
     out = 0.0
-    with gathered, torch.no_grad():
+    with gathered_parameters(list(mgr.params.values()), stage), torch.no_grad():
         for name, v in mgr.views.items():
             full = mgr.params[name].detach().reshape(-1)[v.start : v.end].float()
             pruned = full[~mgr.state[name].keep]

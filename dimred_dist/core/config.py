@@ -119,10 +119,20 @@ def load_recipe(source: str | os.PathLike | dict) -> Recipe:
     if isinstance(source, dict):
         return recipe_from_dict(source)
     path = os.fspath(source)
+    return recipe_from_dict(read_yaml_mapping(path, "recipe"), where=path)
+
+
+def read_yaml_mapping(path: str, what: str) -> dict[str, Any]:
+    """The YAML mapping in ``path`` (``yaml.safe_load``); ``what`` names the file in errors.
+
+    Raises:
+        FileNotFoundError: If there is no such file.
+        TypeError: If the document is not a mapping.
+    """
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"recipe file not found: {path}")
+        raise FileNotFoundError(f"{what} file not found: {path}")
     with open(path, encoding="utf-8") as f:
         data = yaml.safe_load(f)
     if not isinstance(data, dict):
-        raise TypeError(f"{path}: a recipe must be a YAML mapping, got {type(data).__name__}")
-    return recipe_from_dict(data, where=path)
+        raise TypeError(f"{path}: a {what} must be a YAML mapping, got {type(data).__name__}")
+    return data

@@ -44,21 +44,13 @@ class Segment:
 
 def score_keys(scores: torch.Tensor) -> torch.Tensor:
     """Order-preserving map of scores to integers in ``[0, 2**32)`` (int64)."""
-    if scores.dtype.is_floating_point:
-        s = scores.detach().to(torch.float32).reshape(-1)
-        if torch.isnan(s).any():
-            raise ValueError("scores contain NaN; a NaN cannot be ranked")
-        s = s + 0.0  # -0.0 -> +0.0 so that both zeros tie
-        bits = s.view(torch.int32).to(torch.int64) & (_U32 - 1)
-        return torch.where(bits >= (1 << 31), (_U32 - 1) - bits, bits + (1 << 31))
-    keys = scores.detach().reshape(-1).to(torch.int64)
-    if keys.numel() and (int(keys.min()) < 0 or int(keys.max()) >= _U32):
-        raise ValueError("integer scores must lie in [0, 2**32)")
-    return keys
+    scores = scores.detach().reshape(-1)
+    _check_scores(scores)
+    return _keys32(scores).to(torch.int64) + (1 << 31)
 
 
 def _keys32(scores: torch.Tensor) -> torch.Tensor:
-    """:func:`score_keys` minus ``2**31`` as int32: the same order in half the bytes."""
+    """:func:`score_keys` minus ``2**31`` as int32 (the same order in half the bytes), unchecked."""
     if scores.dtype.is_floating_point:
         keys = (scores.detach().reshape(-1).to(torch.float32) + 0.0).view(torch.int32)  # a copy; -0.0 -> +0.0
         # IEEE floats order like sign-magnitude integers: flip the magnitude bits of negative ones

@@ -24,6 +24,7 @@ propagated with DeepSpeed's own copy-and-gather routines.
 
 from __future__ import annotations
 
+import contextlib
 import types
 from typing import Any
 
@@ -75,6 +76,15 @@ def _check_supported(opt: Any) -> int:
     return 2 if getattr(opt, "partition_gradients", False) else 1
 
 
+def gathered_parameters(params: list[nn.Parameter], zero_stage: int | None) -> contextlib.AbstractContextManager:
+    """A context in which the module parameters hold their full values: a ZeRO-3 gather, else nothing."""
+    if zero_stage != 3:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params, enabled=True)
+
+
 class ZeroView(ShardView):
     """One parameter's owned range under ZeRO: fp32 master slice, and gradient slice inside ``step``."""
 
@@ -107,7 +117,9 @@ class ZeroAdapter:
         self.module = module if module is not None else engine.module
         group = getattr(self.zero, "dp_process_group", None)
         self.topology = Topology.detect(zero_stage=stage, group=group)
-        self._coll = self.topology.collectives()
+        #: Selection, counting and agreement checks all run over the data-parallel group.
+        self.collectives: Collectives = self.topology.collectives()
+        self.check_collectives: Collectives = self.collectives
         # Refuse before prepare() edits any weight: a failed set-up must leave the engine as it was.
         self._check_installable()
         self._in_step = False
@@ -130,14 +142,6 @@ class ZeroAdapter:
     def inner(self) -> torch.optim.Optimizer:
         """The client optimizer DeepSpeed drives."""
         return self.zero.optimizer
-
-    @property
-    def collectives(self) -> Collectives:
-        return self._coll
-
-    @property
-    def check_collectives(self) -> Collectives:
-        return self._coll
 
     # ---- views ---------------------------------------------------------------------------
     def views(self, params: dict[str, nn.Parameter]) -> dict[str, ShardView]:

@@ -37,6 +37,12 @@ def unpack_bits(bits: torch.Tensor, n: int) -> torch.Tensor:
     return (bits.reshape(-1, 1) & _BIT.to(bits.device)).ne(0).reshape(-1)[:n]
 
 
+def state_tensor_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of every tensor in any torch optimizer's per-parameter state."""
+    return sum(v.numel() * v.element_size() for st in optimizer.state.values() for v in st.values()
+               if torch.is_tensor(v))
+
+
 class CompactOptimizer(torch.optim.Optimizer):
     """Base of the compact optimizers: mask bookkeeping, re-compaction, state accounting.
 
@@ -179,12 +185,7 @@ class CompactOptimizer(torch.optim.Optimizer):
 
     def state_bytes(self) -> int:
         """Bytes held in optimizer state tensors (moments, masks, step counters)."""
-        total = 0
-        for st in self.state.values():
-            for v in st.values():
-                if torch.is_tensor(v):
-                    total += v.numel() * v.element_size()
-        return total
+        return state_tensor_bytes(self)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """torch casts state to the parameter dtype on load: give the bitmask its uint8 back."""
