@@ -15,9 +15,9 @@ import torch.nn as nn
 
 import dimred_dist as dd
 from dimred_dist.distributed.checkpoint import CheckpointError, load_dimred_state, save_dimred_state
-from dimred_dist.distributed.collectives import Collectives
 from dimred_dist.distributed.topology import Topology
 from dimred_dist.distributed.views import ShardView
+from tests.zero_utils import Net, build_engine, init_deepspeed, make_model
 
 
 def recipe(method: str = "rigl") -> dd.Recipe:
@@ -52,15 +52,7 @@ class SliceAdapter:
         rank = dist.get_rank() if dist.is_initialized() else 0
         assert len(cuts) == world + 1
         self.topology = Topology(rank, world, zero_stage=1)
-        self._coll = self.topology.collectives()
-
-    @property
-    def collectives(self) -> Collectives:
-        return self._coll
-
-    @property
-    def check_collectives(self) -> Collectives:
-        return self._coll
+        self.collectives = self.check_collectives = self.topology.collectives()
 
     def views(self, params):
         r, c = self.topology.rank, self.cuts
@@ -120,40 +112,21 @@ def assemble(pieces: list[tuple[int, int, torch.Tensor]], numel: int) -> torch.T
 
 
 # ---- real DeepSpeed engines -------------------------------------------------------------------
-class Net(nn.Module):
-    """tiny (1 element: one rank owns none of it) -> 7 -> 33 -> 5, odd sizes."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.tiny = nn.Linear(1, 1, bias=False)
-        self.l1 = nn.Linear(7, 33)
-        self.l2 = nn.Linear(33, 5)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.l2(torch.relu(self.l1(x))) * (1.0 + self.tiny(torch.ones(1, 1)))
-
-
 def net(seed: int = 0) -> Net:
-    torch.manual_seed(seed)
-    return Net()
+    """tiny (1 element: one rank owns none of it) -> 7 -> 33 -> 5, odd sizes."""
+    return make_model(Net, seed)
 
 
 def _engine_manager(stage: int, seed: int, resuming: bool):
-    import os
-
-    import deepspeed
-
     from dimred_dist.distributed.zero import ZeroAdapter
-    from dimred_dist.optim import CompactAdamW
 
-    os.environ.pop("LOCAL_SIZE", None)  # keeps DeepSpeed's shm all-reduce (and its /dev/shm files) off
-    deepspeed.init_distributed(dist_backend="gloo")
+    init_deepspeed()
     model = net(seed)
     cfg = {"train_micro_batch_size_per_gpu": 2, "gradient_clipping": 1.0, "zero_allow_untested_optimizer": True,
            "steps_per_print": 10**9,
            "zero_optimization": {"stage": stage, "reduce_bucket_size": 5e5, "allgather_bucket_size": 5e5,
                                  "stage3_param_persistence_threshold": 10, "sub_group_size": 100}}
-    engine, *_ = deepspeed.initialize(model=model, optimizer=CompactAdamW(model.parameters(), lr=1e-2), config=cfg)
+    engine = build_engine(model, cfg)
     mgr = dd.DimRedManager(recipe(), engine.module, adapter=ZeroAdapter(engine), total_steps=20)
     mgr.prepare(resuming=resuming)
     return engine, mgr

@@ -14,13 +14,12 @@ import json
 import os
 from pathlib import Path
 
-import torch
 import torch.distributed as dist
-from datasets import Dataset
-from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
+from transformers import Trainer
 
 import dimred_dist
 from dimred_dist.integrations.hf import DimRedCallback, compact_optimizer
+from tests.integrations.tiny_lm import tiny_lm_and_data, training_arguments
 
 
 def main() -> None:
@@ -31,15 +30,8 @@ def main() -> None:
     p.add_argument("--bf16", action="store_true")
     p.add_argument("--local_rank", type=int, default=-1)
     a = p.parse_args()
-    torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, n_positions=16, vocab_size=61))
-    ids = torch.randint(0, 61, (64, 16), generator=torch.Generator().manual_seed(1))
-    ds = Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist()})
-    args = TrainingArguments(
-        output_dir=a.out, max_steps=a.steps, per_device_train_batch_size=2, learning_rate=1e-3,
-        logging_steps=2, save_strategy="no", report_to=[], use_cpu=True, deepspeed=a.zero_config,
-        bf16=a.bf16, disable_tqdm=True, max_grad_norm=1.0, seed=0,
-    )
+    model, ds = tiny_lm_and_data()
+    args = training_arguments(a.out, a.steps, a.zero_config, report_to=[], bf16=a.bf16)
     recipe = dimred_dist.load_recipe({"method": "rigl", "sparsity": 0.8, "args": {"update_interval": 2}})  # line 1
     callback = DimRedCallback(recipe)  # line 2
     trainer = Trainer(model=model, args=args, train_dataset=ds, callbacks=[callback],
