@@ -83,6 +83,7 @@ class DimRedCallback(TrainerCallback):
         self._trainer = None
         self._logged: tuple[int, dict[str, float]] | None = None  # (manager step, metrics) of the last log
         self._n_logs = 0
+        self._pre_step_handle = None
 
     def on_init_end(self, args, state, control, model=None, **kwargs):
         _move_to_front(self)
@@ -114,15 +115,27 @@ class DimRedCallback(TrainerCallback):
             self.manager.attach(inner)
             return
         # Without DeepSpeed the Trainer computes the norm (and clips) through accelerator.clip_grad_norm_
-        # exactly once per optimizer step, before optimizer.step(): mask there so the norm sees TRAIN only.
+        # at most once per optimizer step, before optimizer.step(): mask there so the norm sees TRAIN only.
+        # Where it computes no norm (transformers 4 with max_grad_norm=0), the optimizer's pre-step hook
+        # runs the manager instead.
         self.manager.attach(inner, pre_step=False)
         clip = accelerator.clip_grad_norm_
+        ran_before_norm = False
 
         def masked_clip_grad_norm_(*a, **kw):
+            nonlocal ran_before_norm
             self.manager.before_optimizer_step()
+            ran_before_norm = True
             return clip(*a, **kw)
 
+        def pre_step(*_):
+            nonlocal ran_before_norm
+            if not ran_before_norm:
+                self.manager.before_optimizer_step()
+            ran_before_norm = False
+
         accelerator.clip_grad_norm_ = masked_clip_grad_norm_
+        self._pre_step_handle = inner.register_step_pre_hook(pre_step)
 
     def _new_manager(self, args, state, model, adapter) -> DimRedManager:
         """A prepared manager: a fresh topology, or the one of the checkpoint the Trainer resumes from."""
@@ -155,6 +168,9 @@ class DimRedCallback(TrainerCallback):
     def on_train_end(self, args, state, control, **kwargs):
         if self.manager is None:
             return
+        if self._pre_step_handle is not None:
+            self._pre_step_handle.remove()
+            self._pre_step_handle = None
         if self._logged is not None and self._logged[0] == self.manager.step:
             metrics = self._logged[1]  # the Trainer logs once more just before the end: reuse, no collective
         else:

@@ -37,19 +37,26 @@ class Probe(TrainerCallback):
         self.records.append({"leaked": leaked, "clipped_norm": sq**0.5})
 
 
-def run(out: str, ddp: bool = False) -> dict:
+class NoNormTrainer(Trainer):
+    """Computes no gradient norm when it does not clip, as transformers 4 did."""
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        return grad_norm
+
+
+def run(out: str, ddp: bool = False, max_norm: float = MAX_NORM, trainer_cls: type[Trainer] = Trainer) -> dict:
     torch.manual_seed(0)
     model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, n_positions=16, vocab_size=61))
     ids = torch.randint(0, 61, (64, 16), generator=torch.Generator().manual_seed(1))
     ds = Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist()})
     args = TrainingArguments(
         output_dir=out, max_steps=6, per_device_train_batch_size=2, learning_rate=1e-3, logging_steps=1,
-        save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True, max_grad_norm=MAX_NORM, seed=0,
+        save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True, max_grad_norm=max_norm, seed=0,
         ddp_backend="gloo" if ddp else None,
     )
     dimred = DimRedCallback(dimred_dist.load_recipe({"method": "rigl", "sparsity": 0.8, "args": {"update_interval": 2}}))
     probe = Probe(dimred)
-    trainer = Trainer(model=model, args=args, train_dataset=ds, callbacks=[dimred, probe],
+    trainer = trainer_cls(model=model, args=args, train_dataset=ds, callbacks=[dimred, probe],
                       optimizer_cls_and_kwargs=compact_optimizer(args))
     trainer.train()
     mgr = dimred.manager
@@ -58,7 +65,7 @@ def run(out: str, ddp: bool = False) -> dict:
         "records": probe.records,
         "grad_norms": [h["grad_norm"] for h in trainer.state.log_history if "grad_norm" in h],
         "manager_step": mgr.step, "pruned_max": pruned_max, "churn": mgr.metrics().get("dimred/churn", 0.0),
-        "optimizer": type(mgr.optimizer).__name__, "max_norm": MAX_NORM,
+        "optimizer": type(mgr.optimizer).__name__, "max_norm": max_norm,
     }
 
 

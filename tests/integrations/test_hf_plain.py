@@ -13,8 +13,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from transformers import Trainer
 
-from tests.integrations.hf_plain_script import run
+from tests.integrations.hf_plain_script import NoNormTrainer, run
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -34,6 +35,17 @@ def _check(result: dict) -> None:
 
 def test_single_process_trainer_masks_before_clipping(tmp_path):
     _check(run(str(tmp_path)))
+
+
+@pytest.mark.parametrize("trainer_cls", [Trainer, NoNormTrainer], ids=["norm-unclipped", "no-norm"])
+def test_single_process_trainer_without_clipping_still_updates_the_topology(tmp_path, trainer_cls):
+    """max_grad_norm=0: transformers 5 computes an unclipped norm, transformers 4 none; without a norm
+    call the manager runs in the optimizer's pre-step hook."""
+    r = run(str(tmp_path), max_norm=0.0, trainer_cls=trainer_cls)
+    assert r["optimizer"] == "CompactAdamW"
+    assert r["manager_step"] == 6
+    assert r["churn"] > 0, "no topology update ran"
+    assert r["pruned_max"] == 0.0
 
 
 @pytest.mark.distributed
