@@ -3,19 +3,28 @@
 Typical plain PyTorch / DDP use::
 
     manager = DimRedManager(recipe, model, total_steps=1000).prepare()
-    manager.attach(optimizer)          # masks gradients before, enforces weights after each step
+    manager.attach(optimizer, lr_scheduler=scheduler)   # around every optimizer.step()
     for batch in data:
         loss = model(**batch).loss
         loss.backward()
         optimizer.step()
+        scheduler.step()
         optimizer.zero_grad()
 
 Under DeepSpeed a ZeRO adapter calls :meth:`DimRedManager.before_optimizer_step` and
 :meth:`DimRedManager.after_optimizer_step` from inside the engine's step instead.
+
+The manager alone sequences the method's hooks (see :mod:`dimred_dist.methods.base`): ``probe``
+and ``initialize`` in :meth:`DimRedManager.prepare`; per optimizer step ``observe`` and ``update``
+before it (then the gradients of entries that are not TRAIN are zeroed), ``after_step`` after it.
+What a method asks of its :class:`~dimred_dist.methods.base.MethodContext` (moment resets, an
+optimizer restart, a skipped step, an LR schedule snapshot) is carried out here.
 """
 
 from __future__ import annotations
 
+import copy
+import json
 import time
 from typing import Any
 
@@ -29,8 +38,10 @@ from dimred_dist.core.registry import get_method
 from dimred_dist.core.state import DimRedState, ParamState
 from dimred_dist.core.targets import select_parameters
 from dimred_dist.distributed.adapter import ReplicatedAdapter
+from dimred_dist.distributed.protocol import ShardAdapter
 from dimred_dist.methods.base import Method, MethodContext
 from dimred_dist.metrics import EverActive, compute_metrics
+from dimred_dist.optim import surgery
 from dimred_dist.optim.compact import CompactOptimizer
 
 logger = get_logger(__name__)
@@ -43,15 +54,16 @@ class DimRedManager:
         recipe: The validated recipe.
         model: The model whose parameters are managed (the module, not a DDP/engine wrapper).
         adapter: How parameters are distributed; default: single process or DDP, detected.
-        total_steps: Planned number of optimizer steps (schedules of dynamic methods need it).
+        total_steps: Planned number of optimizer steps (schedules need it).
     """
 
-    def __init__(self, recipe: Recipe, model: nn.Module, *, adapter=None, total_steps: int = 0) -> None:
+    def __init__(self, recipe: Recipe, model: nn.Module, *, adapter: ShardAdapter | None = None,
+                 total_steps: int = 0) -> None:
         if total_steps < 0:
             raise ValueError(f"total_steps must be >= 0, got {total_steps}")
         self.recipe = recipe
         self.model = model
-        self.adapter = adapter or ReplicatedAdapter()
+        self.adapter: ShardAdapter = adapter or ReplicatedAdapter()
         self.total_steps = total_steps
         self.method: Method = get_method(recipe.method)(recipe)
         self.step = 0
@@ -61,12 +73,18 @@ class DimRedManager:
         self.ctx: MethodContext | None = None
         self._frozen: dict[str, torch.Tensor] = {}
         self.optimizer = None
+        self.lr_scheduler = None
         self.update_seconds = 0.0
         #: One record per topology update: ``step`` (0-based optimizer step it ran before), ``seconds``
-        #: and the method's metrics without the ``dimred/`` prefix (``churn``, ``drop_fraction``).
+        #: and the method's metrics without the ``dimred/`` prefix (``churn``, ``drop_fraction``, ...).
         self.topology_history: list[dict[str, float]] = []
         self._ever: EverActive | None = None
         self._synced_epoch = -1
+        self._before_done = -1  # the step whose before_optimizer_step has run
+        #: True between a topology update that asked for it and the end of that step: the optimizer
+        #: does not apply the step (the adapters drop the gradients it would see).
+        self.skipping = False
+        self._lr_saved: dict[str, dict[str, Any]] = {}
 
     # ---- set-up --------------------------------------------------------------------------
     def prepare(self, *, resuming: bool = False) -> DimRedManager:
@@ -87,6 +105,8 @@ class DimRedManager:
             keep_counts=keep_counts(densities, shapes),
             global_budget=self.recipe.distribution == "global",
             total_steps=self.total_steps,
+            distribution=self.recipe.distribution,
+            trainable_views_fn=self._trainable_views,
         )
         t0 = time.perf_counter()
         self.method.initialize(self.ctx)
@@ -95,10 +115,21 @@ class DimRedManager:
             self.apply_masks()
         self._ever = EverActive(self.ctx.state) if self.method.dynamic else None
         logger.info(
-            "dimred: %s at sparsity %.3f (%s) on %d parameters", self.recipe.method, self.recipe.sparsity,
-            self.recipe.distribution, len(views),
+            "dimred: %s at sparsity %.3f (%s, %s schedule) on %d parameters", self.recipe.method,
+            self.recipe.sparsity, self.recipe.distribution, self.recipe.schedule.kind, len(views),
         )
         return self
+
+    def _trainable_views(self) -> dict:
+        """Views of every trainable parameter in model order, the managed ones being the manager's own."""
+        canonical: dict[int, str] = {}
+        for n, p in self.model.named_parameters():
+            canonical.setdefault(id(p), n)
+        others = {n: p for n, p in self.model.named_parameters() if p.requires_grad and n not in self.ctx.views
+                  and canonical[id(p)] == n}
+        extra = self.adapter.views(others) if others else {}
+        order = [n for n, _ in self.model.named_parameters() if n in self.ctx.views or n in extra]
+        return {n: self.ctx.views[n] if n in self.ctx.views else extra[n] for n in order}
 
     @property
     def state(self) -> DimRedState:
@@ -116,31 +147,57 @@ class DimRedManager:
 
     # ---- the step ------------------------------------------------------------------------
     def before_optimizer_step(self) -> None:
-        """Run a due topology update on the current gradients, then zero non-TRAIN gradients."""
+        """Before the optimizer step: the method observes and updates the topology, then the gradients
+        of entries that are not TRAIN are zeroed. Runs once per step (later calls are no-ops)."""
         self._require_prepared()
-        if self.method.is_update_step(self.step):
-            t0 = time.perf_counter()
-            result = self.method.update(self.ctx, self.step)
+        if self._before_done == self.step:
+            return
+        self._before_done = self.step
+        ctx = self.ctx
+        self.method.observe(ctx, self.step)
+        t0 = time.perf_counter()
+        result = self.method.update(ctx, self.step)
+        if result is not None:
             seconds = time.perf_counter() - t0
             self.update_seconds += seconds
             record = {k.removeprefix("dimred/"): float(v) for k, v in result.items()}
             self.topology_history.append({"step": float(self.step), "seconds": seconds, **record})
             if self._ever is not None:
-                self._ever.update(self.ctx.state)
+                self._ever.update(ctx.state)
             self.apply_masks(propagate=False)
-            self.sync_optimizer()
-        elif isinstance(self.optimizer, CompactOptimizer) and not self._optimizer_in_sync():
-            self.sync_optimizer()  # its state was loaded from elsewhere: the manager's masks rule
+        self._carry_out(ctx.take_requests(), changed=result is not None)
         self.mask_gradients()
 
-    def after_optimizer_step(self) -> None:
-        """Keep PRUNE entries at 0 and FREEZE entries at their frozen value; count the step."""
+    def _carry_out(self, req: dict[str, Any], *, changed: bool) -> None:
+        """What the method asked for during observe / update."""
+        for op, key in req["lr"]:
+            self._lr_request(op, key)
+        if changed or req["moment_resets"]:
+            self.sync_optimizer(req["moment_resets"])
+        elif isinstance(self.optimizer, CompactOptimizer) and not self._optimizer_in_sync():
+            self.sync_optimizer({})  # its state was loaded from elsewhere: the manager's masks rule
+        if req["restart"] and self.optimizer is not None:
+            surgery.restart(self.optimizer)
+        self.skipping = bool(req["skip"])
+
+    def after_optimizer_step(self, flats: set[int] | None = None, *, count: bool = True) -> None:
+        """After the optimizer wrote the masters (of the flat tensors ``flats``, if given): keep PRUNE
+        entries at 0 and FREEZE entries at their value, run the method's ``after_step``; count the step."""
         self._require_prepared()
-        self.enforce_weights()
-        self.count_step()
+        self.enforce_weights(flats)
+        self.ctx.written_flats = flats
+        try:
+            wrote = self.method.after_step(self.ctx, self.step)
+        finally:
+            self.ctx.written_flats = None
+        if wrote:
+            self._capture_frozen()
+        if count:
+            self.count_step()
 
     def count_step(self) -> None:
         self.step += 1
+        self.skipping = False
 
     def mask_gradients(self) -> None:
         """Zero the gradients of entries that are not TRAIN (exact zeros, even where one is inf or NaN)."""
@@ -195,32 +252,62 @@ class DimRedManager:
             if name in self._frozen:
                 w[ps.freeze_mask()] = self._frozen[name]
 
-    def sync_optimizer(self) -> None:
-        """Give a compact optimizer the current TRAIN masks (regrown entries restart their moments)."""
+    def sync_optimizer(self, resets: dict[str, torch.Tensor] | None = None) -> None:
+        """Give the optimizer the current TRAIN masks and restart the moments of ``resets``' entries.
+
+        A compact optimizer gets the masks (re-compacting its state); torch's SGD / Adam / AdamW get the
+        moments of the reset entries zeroed. Any other optimizer with state raises (never silently).
+        """
+        resets = resets or {}
         if isinstance(self.optimizer, CompactOptimizer):
-            self.adapter.sync_optimizer(self.optimizer, self.ctx.views, self.ctx.state, self.ctx.regrown)
+            self.adapter.sync_optimizer(self.optimizer, self.ctx.views, self.ctx.state, resets)
             self._synced_epoch = self.optimizer.mask_epoch
-        self.ctx.regrown.clear()
+        elif self.optimizer is not None and resets:
+            surgery.reset_entries(self.optimizer, {self.ctx.views[n].param: m for n, m in resets.items()})
 
     def _optimizer_in_sync(self) -> bool:
         """Whether the optimizer is compact and its masks are the ones this manager last gave it."""
         return isinstance(self.optimizer, CompactOptimizer) and self.optimizer.mask_epoch == self._synced_epoch
 
-    def attach(self, optimizer: Any, *, pre_step: bool = True) -> DimRedManager:
+    def _lr_request(self, op: str, key: str) -> None:
+        """Save or restore the LR schedule: the scheduler's state and its optimizer's learning rates."""
+        sched = getattr(self.lr_scheduler, "scheduler", self.lr_scheduler)  # accelerate wraps it
+        opt = getattr(sched, "optimizer", None) or self.optimizer
+        if opt is None:
+            raise RuntimeError(f"{self.recipe.method} rewinds the learning rate, but no optimizer is attached")
+        if op == "save":
+            self._lr_saved[key] = {"scheduler": None if sched is None else copy.deepcopy(sched.state_dict()),
+                                   "lrs": [float(g["lr"]) for g in opt.param_groups]}
+            return
+        saved = self._lr_saved[key]
+        if sched is not None and saved["scheduler"] is not None:
+            sched.load_state_dict(copy.deepcopy(saved["scheduler"]))
+        for g, lr in zip(opt.param_groups, saved["lrs"]):
+            g["lr"] = lr
+        logger.info("dimred: step %d: LR schedule restored to its state %r (lr %s)", self.step, key, saved["lrs"])
+
+    def attach(self, optimizer: Any, *, pre_step: bool = True, lr_scheduler: Any = None) -> DimRedManager:
         """Run the manager around every optimizer step.
 
-        * plain PyTorch / DDP: ``optimizer`` is the torch optimizer; gradients are masked in a step
-          pre-hook and weights enforced in a post-hook. If you clip gradients, the norm must see
-          masked gradients: pass ``pre_step=False`` and call :meth:`before_optimizer_step` yourself
-          between ``backward()`` and the clipping.
+        * plain PyTorch / DDP: ``optimizer`` is the torch optimizer; the manager runs in a step
+          pre-hook (once per step) and a post-hook. If you clip gradients, the norm must see masked
+          gradients: call :meth:`before_optimizer_step` yourself between ``backward()`` and the clipping
+          (``pre_step=False`` says so; the pre-hook then finds the step done).
         * DeepSpeed ZeRO: ``optimizer`` is the engine (or its optimizer); the adapter hooks the
           ZeRO step itself (before the norm, and after the client optimizer's update).
+
+        ``lr_scheduler`` is the LR scheduler the training loop steps (the engine's under DeepSpeed, if
+        none is given); methods that rewind the learning rate save and restore its state.
 
         A :class:`~dimred_dist.optim.CompactOptimizer` gets the TRAIN masks now and after every
         topology change, so it keeps state for TRAIN entries only.
         """
         self._require_prepared()
+        inner = getattr(optimizer, "optimizer", optimizer) if isinstance(self.adapter, ReplicatedAdapter) else None
+        if self.method.dynamic and inner is not None:
+            surgery.check_supported(inner)  # topology updates reset moments: refuse what cannot be reset, now
         self.optimizer = self.adapter.install(self, optimizer, pre_step=pre_step)
+        self.lr_scheduler = lr_scheduler if lr_scheduler is not None else getattr(optimizer, "lr_scheduler", None)
         self.sync_optimizer()
         self._capture_frozen()
         return self
@@ -270,17 +357,43 @@ class DimRedManager:
 
     # ---- persistence ---------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {"step": self.step, "masks": self.state.state_dict(), "method": self.method.state_dict()}
+        """Step, masks, method state (plain data), LR schedule snapshots and the method's tensor state."""
+        return {"step": self.step, "masks": self.state.state_dict(), "method": self.method.state_dict(),
+                "lr_saved": _json_or_empty(self._lr_saved), "tensors": self.method.tensor_state()}
+
+    def state_dict_plain(self) -> dict[str, Any]:
+        """The plain-data (JSON) part of :meth:`state_dict` besides step and masks: what a checkpoint
+        manifest records as ``method_state``."""
+        return {"method": self.method.state_dict(), "lr_saved": _json_or_empty(self._lr_saved)}
+
+    @staticmethod
+    def split_plain(plain: dict[str, Any]) -> dict[str, Any]:
+        """:meth:`load_state_dict` keys from a manifest's ``method_state`` (format 1 held the method's only)."""
+        if set(plain) <= {"method", "lr_saved"}:
+            return {"method": plain.get("method", {}), "lr_saved": plain.get("lr_saved", {})}
+        return {"method": plain, "lr_saved": {}}
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
         self.state.load_state_dict(sd["masks"])
         self.method.load_state_dict(sd.get("method", {}))
+        self.method.load_tensor_state(sd.get("tensors", {}))
+        self._lr_saved = copy.deepcopy(sd.get("lr_saved", {}))
         self.step = int(sd["step"])
+        self._before_done = -1
         self.apply_masks()
         if self._ever is not None:  # a checkpoint holds no ITOP history: count from the loaded topology
             self._ever = EverActive(self.state)
         if self.optimizer is not None:
             self.sync_optimizer()
+
+
+def _json_or_empty(saved: dict[str, Any]) -> dict[str, Any]:
+    """LR snapshots as plain data for a checkpoint; a scheduler whose state is not JSON is left out, logged."""
+    try:
+        return json.loads(json.dumps(saved))
+    except TypeError:
+        logger.warning("dimred: the LR scheduler's state is not plain data; its snapshots are not checkpointed")
+        return {}
 
 
 def _checksum(codes: torch.Tensor) -> int:

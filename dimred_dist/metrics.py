@@ -6,9 +6,10 @@ Keys (every value a float; ``<layer>`` is a managed parameter's name, in model o
 * ``dimred/train_fraction/<layer>``, ``dimred/fraction/{train,freeze,prune}``: state fractions;
 * ``dimred/topology_update_seconds``: seconds this rank spent choosing topologies so far
   (initialization included); ``dimred/topology_updates``: number of topology updates so far;
-* ``dimred/churn``, ``dimred/drop_fraction`` and ``dimred/last_update_step``: churn (fraction of the
-  managed entries whose keep mask changed) and drop fraction of the *latest* topology update, and
-  the 0-based optimizer step before which it ran. Absent until the first update. A log at a step
+* ``dimred/churn``, ``dimred/drop_fraction`` (periodic schedules), ``dimred/target_density`` (pruning
+  schedules), ``dimred/round`` (IMP) and ``dimred/last_update_step``: churn (fraction of the managed
+  entries whose active mask changed) and the method's other values of the *latest* topology update,
+  and the 0-based optimizer step before which it ran. Absent until the first update. A log at a step
   without an update repeats the latest values with their step, so a reader can tell they are not
   new; the manager's ``topology_history`` holds every update for plots;
 * ``dimred/itop_rate`` (dynamic methods only): in-time over-parameterization rate (Liu et al., 2021,

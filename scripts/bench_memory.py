@@ -317,8 +317,8 @@ def run_config(args, stage: int, density: float | None, counts: tuple[int, int])
         out["managed_sparsity"] = recipe.sparsity
         if not args.no_update_step:
             update_step = interval
-            assert manager.method.is_update_step(update_step)
-        assert not any(manager.method.is_update_step(s) for s in range(args.warmup + n_timed))
+            assert recipe.schedule.is_update_step(update_step, manager.total_steps)
+        assert not any(recipe.schedule.is_update_step(s, manager.total_steps) for s in range(args.warmup + n_timed))
     out["model_build_s"] = t_model
     out["engine_init_s"] = t_engine
     # Peak RSS by phase (VmHWM, reset between phases where the kernel allows it): set-up (model,

@@ -32,7 +32,7 @@ def test_demo_job_fine_tunes_the_packaged_minilm(tmp_path):
         "model.pretrained": model_dir, "deepspeed": "null", "data.max_length": 16,
         "data.train_files": data / "train.jsonl", "data.validation_files": data / "validation.jsonl",
         "training.output_dir": out, "training.max_steps": 2, "training.per_device_train_batch_size": 2,
-        "training.report_to": "[]", "recipe.args.update_interval": 1,
+        "training.report_to": "[]", "recipe.schedule.interval": 1,
     }
     cmd = [sys.executable, "-m", "dimred_dist.cli.train", "--config", "configs/jobs/demo_minilm_topics.yaml"]
     for k, v in sets.items():

@@ -11,8 +11,9 @@ Example YAML::
     seed: 0
     targets:
       exclude: ["lm_head"]
-    args:
-      update_interval: 100
+    schedule:                 # optional: the method's default schedule otherwise
+      kind: periodic
+      interval: 100
       drop_fraction: 0.3
 """
 
@@ -27,7 +28,14 @@ import yaml
 
 from dimred_dist.core.distributions import DISTRIBUTIONS
 from dimred_dist.core.registry import get_method
+from dimred_dist.core.schedules import Schedule, schedule_from_dict
 from dimred_dist.core.targets import TargetConfig
+
+#: Schedule values that recipes written for SET / RigL before schedules were a recipe section give
+#: in ``args``, with their name in a ``periodic`` schedule.
+LEGACY_SCHEDULE_ARGS = {
+    "update_interval": "interval", "drop_fraction": "drop_fraction", "end_fraction": "end_fraction", "decay": "decay",
+}
 
 
 def build_dataclass(cls: type, data: Any, where: str) -> Any:
@@ -66,7 +74,12 @@ class Recipe:
         targets: Which parameters are managed.
         freeze: Regular expressions of parameter names frozen as whole tensors (``requires_grad=False``
             before the optimizer / engine is built, so nothing is allocated for them).
-        args: Method hyper-parameters; validated into the method's config dataclass.
+        schedule: When the topology changes and to which density (:mod:`dimred_dist.core.schedules`):
+            a mapping with a ``kind`` (``one_shot``, ``periodic``, ``cubic``, ``imp``) and its values;
+            default: the method's own default schedule. Any method's scores work with any kind.
+        args: Method hyper-parameters; validated into the method's config dataclass. For backward
+            compatibility ``update_interval``, ``drop_fraction``, ``end_fraction`` and ``decay`` given
+            here move into a ``periodic`` schedule.
     """
 
     method: str
@@ -75,6 +88,7 @@ class Recipe:
     seed: int = 0
     targets: TargetConfig = field(default_factory=TargetConfig)
     freeze: list[str] = field(default_factory=list)
+    schedule: Any = None
     args: Any = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -92,6 +106,15 @@ class Recipe:
             raise TypeError(f"freeze must be a list of regular expressions, got {self.freeze!r}")
         method_cls = get_method(self.method)
         self.method = method_cls.method_name
+        self.schedule, self.args = _split_legacy_schedule(self.schedule, self.args, method_cls)
+        self.schedule = schedule_from_dict(self.schedule, f"schedule of method {self.method!r}")
+        if isinstance(self.args, dict):
+            misplaced = sorted(set(self.args) & {f.name for f in dataclasses.fields(self.schedule)})
+            if misplaced:
+                raise ValueError(
+                    f"args of method {self.method!r}: {misplaced} are values of the {self.schedule.kind!r} schedule; "
+                    f"give them in the recipe's `schedule:` section"
+                )
         self.args = build_dataclass(method_cls.config_cls, self.args, f"args of method {self.method!r}")
 
     @property
@@ -100,7 +123,38 @@ class Recipe:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-data form (YAML/JSON serializable)."""
-        return dataclasses.asdict(self)
+        out = dataclasses.asdict(self)
+        out["schedule"] = self.schedule.to_dict()
+        return out
+
+
+def _split_legacy_schedule(schedule: Any, args: Any, method_cls: type) -> tuple[Any, Any]:
+    """The schedule mapping (the method's default if none is given) and the args without schedule values.
+
+    Raises:
+        ValueError: If ``args`` holds schedule values and the recipe has a ``schedule`` section too.
+    """
+    if isinstance(schedule, Schedule):
+        return schedule, args
+    legacy = {}
+    if isinstance(args, dict):
+        legacy = {k: args[k] for k in LEGACY_SCHEDULE_ARGS if k in args}
+        args = {k: v for k, v in args.items() if k not in legacy}
+    if schedule is None:
+        schedule = dict(method_cls.default_schedule)
+        if legacy:
+            if schedule.get("kind") != "periodic":
+                raise ValueError(
+                    f"args {sorted(legacy)} of method {method_cls.method_name!r} belong to a periodic schedule; give "
+                    "them in a `schedule:` section with `kind: periodic`"
+                )
+            schedule.update({LEGACY_SCHEDULE_ARGS[k]: v for k, v in legacy.items()})
+    elif legacy:
+        raise ValueError(
+            f"args {sorted(legacy)} are schedule values and the recipe has a `schedule:` section; give them there "
+            f"(as {', '.join(LEGACY_SCHEDULE_ARGS[k] for k in sorted(legacy))})"
+        )
+    return schedule, args
 
 
 def recipe_from_dict(data: Any, where: str = "recipe") -> Recipe:

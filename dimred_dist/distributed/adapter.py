@@ -46,15 +46,26 @@ class ReplicatedAdapter:
             optimizer.set_train_mask(v.param, state[name].train, reset=reset.get(name))
 
     def install(self, manager, optimizer: torch.optim.Optimizer, *, pre_step: bool = True) -> torch.optim.Optimizer:
-        """Hook a torch optimizer: manager work before (optional) and after each step."""
+        """Hook a torch optimizer: the manager before and after each step.
+
+        The pre-hook runs ``before_optimizer_step`` (a no-op if the training loop already called it
+        this step, before clipping: ``pre_step=False`` says so), then drops every gradient of a step
+        the manager skips, so the optimizer leaves all its parameters and state alone (torch's
+        optimizers skip parameters without a gradient).
+        """
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(
                 f"expected a torch.optim.Optimizer, got {type(optimizer).__name__}; under DeepSpeed build the manager "
                 "with dimred_dist.distributed.zero.ZeroAdapter(engine)"
             )
         self.uninstall()
-        if pre_step:
-            self._handles.append(optimizer.register_step_pre_hook(lambda *_: manager.before_optimizer_step()))
+
+        def pre(opt, args, kwargs):
+            manager.before_optimizer_step()
+            if manager.skipping:
+                drop_gradients(opt)
+
+        self._handles.append(optimizer.register_step_pre_hook(pre))
         self._handles.append(optimizer.register_step_post_hook(lambda *_: manager.after_optimizer_step()))
         return optimizer
 
@@ -66,3 +77,10 @@ class ReplicatedAdapter:
 
     def weights_edited(self) -> None:
         """Nothing to propagate: the views are the module's own parameters."""
+
+
+def drop_gradients(optimizer: torch.optim.Optimizer) -> None:
+    """Set the gradient of every parameter the optimizer is about to step to None (a skipped step)."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            p.grad = None

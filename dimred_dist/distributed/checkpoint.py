@@ -6,7 +6,10 @@ Layout of ``<checkpoint>/dimred/`` (no pickle anywhere: safetensors and JSON onl
   ``<name>.keep`` and ``<name>.train``, bit-packed (uint8, entry ``i`` of the rank's range
   ``[start, end)`` is bit ``i % 8`` of byte ``i // 8``), plus the ranges as JSON metadata;
 * ``manifest.json``, written last by rank 0: format, world size, ZeRO stage, step, recipe, method
-  state, every parameter's shape (model order), and per file its SHA-256, size and global ranges.
+  state, every parameter's shape (model order), and per file its SHA-256, size and global ranges;
+* the method's tensor state (:meth:`~dimred_dist.methods.base.Method.tensor_state`, e.g. an IMP
+  weight snapshot) as ``method.<key>.<name>`` tensors of the rank's range of the parameter, with their
+  ranges per file and their shapes and dtypes in the manifest (``tensors``), so they reshard too.
 
 The per-rank files together with their global ranges cover every parameter exactly once, so a
 loader at any world size or stage reads, for each of its own ranges, only the byte slices of the
@@ -21,6 +24,7 @@ start at zero, as in a fresh optimizer.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -45,8 +49,12 @@ __all__ = [
 DIMRED_DIR = "dimred"
 MANIFEST = "manifest.json"
 FORMAT = "dimred_dist.checkpoint"
-VERSION = 1
+VERSION = 2
+#: Versions this reader reads (version 1 has no tensor state).
+READABLE = (1, 2)
 _HASH_CHUNK = 1 << 22
+_DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16,
+           "bool": torch.bool, "int64": torch.int64, "int32": torch.int32, "uint8": torch.uint8}
 
 
 class CheckpointError(ValueError):
@@ -62,6 +70,7 @@ class SavedFile:
     sha256: str
     bytes: int
     ranges: dict[str, tuple[int, int]]
+    tensor_ranges: dict[str, dict[str, tuple[int, int]]] = dataclasses.field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -76,6 +85,8 @@ class Manifest:
     method_state: dict[str, Any]
     shapes: dict[str, tuple[int, ...]]
     files: list[SavedFile]
+    #: Method tensor state: ``{key: {"dtype": str, "params": {name: shape}}}``.
+    tensors: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
 
     def pieces(self, name: str) -> list[tuple[SavedFile, int, int]]:
         """(file, start, end) of every saved piece of parameter ``name``, by start."""
@@ -101,7 +112,7 @@ def save_dimred_state(manager, directory: str | os.PathLike) -> Path:
     state, views, topo = manager.state, manager.views, manager.adapter.topology
     coll = manager.adapter.check_collectives
     out = Path(directory) / DIMRED_DIR
-    method_state = manager.method.state_dict()
+    method_state = manager.state_dict_plain()
     try:
         json.dumps(method_state)
     except TypeError as e:
@@ -118,20 +129,33 @@ def save_dimred_state(manager, directory: str | os.PathLike) -> Path:
         tensors[f"{n}.keep"] = pack_bits(state[n].keep.cpu())
         tensors[f"{n}.train"] = pack_bits(state[n].train.cpu())
     ranges = {n: [views[n].start, views[n].end] for n in mine}
-    meta = {"format": FORMAT, "version": str(VERSION), "rank": str(topo.rank), "ranges": json.dumps(ranges)}
+    extra = _method_tensors(manager, coll)
+    extra_cols = [(k, n) for k in sorted(extra) for n in sorted(extra[k])]
+    t_ranges: dict[str, dict[str, list[int]]] = {}
+    for key, name in extra_cols:
+        v = manager.ctx.view_of(name)
+        if v.local_numel and (not v.replicated or topo.rank == 0):
+            tensors[f"method.{key}.{name}"] = extra[key][name].detach().cpu().contiguous()
+            t_ranges.setdefault(key, {})[name] = [v.start, v.end]
+    meta = {"format": FORMAT, "version": str(VERSION), "rank": str(topo.rank), "ranges": json.dumps(ranges),
+            "tensor_ranges": json.dumps(t_ranges)}
     blob = safetensors_bytes(tensors, metadata=meta)
     fname = f"rank{topo.rank}.safetensors"
     tmp = out / (fname + ".tmp")
     tmp.write_bytes(blob)
     os.replace(tmp, out / fname)
 
-    # Row r: 32 digest bytes, file size, then (start, end) per parameter of rank r.
-    row = torch.zeros(topo.world_size, 33 + 2 * len(names), dtype=torch.int64)
+    # Row r: 32 digest bytes, file size, then (start, end) per parameter and per tensor-state column of rank r.
+    cols = len(names) + len(extra_cols)
+    row = torch.zeros(topo.world_size, 33 + 2 * cols, dtype=torch.int64)
     row[topo.rank, :32] = torch.tensor(list(hashlib.sha256(blob).digest()), dtype=torch.int64)
     row[topo.rank, 32] = len(blob)
     for i, n in enumerate(names):
         if n in ranges:
             row[topo.rank, 33 + 2 * i : 35 + 2 * i] = torch.tensor(ranges[n])
+    for j, (key, name) in enumerate(extra_cols, start=len(names)):
+        if name in t_ranges.get(key, {}):
+            row[topo.rank, 33 + 2 * j : 35 + 2 * j] = torch.tensor(t_ranges[key][name])
     table = coll.all_reduce_sum(row)
     if topo.rank == 0:
         files = []
@@ -139,12 +163,22 @@ def save_dimred_state(manager, directory: str | os.PathLike) -> Path:
             rr = table[r].tolist()
             pairs = {n: (rr[33 + 2 * i], rr[34 + 2 * i]) for i, n in enumerate(names)}
             spans = {n: [a, b] for n, (a, b) in pairs.items() if b > a}
+            t_spans: dict[str, dict[str, list[int]]] = {}
+            for j, (key, name) in enumerate(extra_cols, start=len(names)):
+                a, b = rr[33 + 2 * j], rr[34 + 2 * j]
+                if b > a:
+                    t_spans.setdefault(key, {})[name] = [a, b]
             files.append({"rank": r, "file": f"rank{r}.safetensors", "sha256": bytes(rr[:32]).hex(), "bytes": rr[32],
-                          "ranges": spans})
+                          "ranges": spans, "tensor_ranges": t_spans})
+        tensor_meta = {
+            key: {"dtype": str(next(iter(extra[key].values())).dtype).removeprefix("torch."),
+                  "params": {n: list(manager.ctx.view_of(n).shape) for n in sorted(extra[key])}}
+            for key in sorted(extra)
+        }
         manifest = {
             "format": FORMAT, "version": VERSION, "world_size": topo.world_size, "zero_stage": topo.zero_stage,
             "step": manager.step, "recipe": manager.recipe.to_dict(), "method_state": method_state,
-            "params": {n: list(views[n].shape) for n in names}, "files": files,
+            "params": {n: list(views[n].shape) for n in names}, "files": files, "tensors": tensor_meta,
         }
         tmp = out / (MANIFEST + ".tmp")
         tmp.write_text(json.dumps(manifest, indent=1))
@@ -152,6 +186,22 @@ def save_dimred_state(manager, directory: str | os.PathLike) -> Path:
     coll.barrier()
     logger.info("dimred: saved the state of step %d (%d ranks) to %s", manager.step, topo.world_size, out)
     return out
+
+
+def _method_tensors(manager, coll) -> dict[str, dict[str, torch.Tensor]]:
+    """The method's tensor state; every rank must hold the same keys and parameter names (checked)."""
+    extra = manager.method.tensor_state()
+    for key, per in extra.items():
+        for name, t in per.items():
+            v = manager.ctx.view_of(name)
+            if t.dim() != 1 or t.numel() != v.local_numel:
+                raise ValueError(f"tensor state {key}/{name}: {tuple(t.shape)} does not cover its local range "
+                                 f"of {v.local_numel} entries")
+    sig = json.dumps(sorted((k, sorted(per)) for k, per in extra.items()))
+    h = torch.tensor([int.from_bytes(hashlib.sha256(sig.encode()).digest()[:7], "big")], dtype=torch.int64)
+    if int(coll.all_reduce_max(h)) != int(-coll.all_reduce_max(-h)):
+        raise RuntimeError("ranks hold different method tensor state keys; every rank must return the same ones")
+    return extra
 
 
 # ---- reading ---------------------------------------------------------------------------------
@@ -179,12 +229,15 @@ def read_manifest(directory: str | os.PathLike) -> Manifest:
         raise CheckpointError(f"{path} is not valid JSON: {e}") from None
     if not isinstance(raw, dict) or raw.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a dimred checkpoint manifest (format {raw.get('format')!r})")
-    if raw.get("version") != VERSION:
-        raise CheckpointError(f"{path}: unsupported checkpoint version {raw.get('version')!r} (this reader: {VERSION})")
+    if raw.get("version") not in READABLE:
+        raise CheckpointError(f"{path}: unsupported checkpoint version {raw.get('version')!r} (readable: {READABLE})")
     files = [SavedFile(int(f["rank"]), str(f["file"]), str(f["sha256"]), int(f["bytes"]),
-                       {n: (int(a), int(b)) for n, (a, b) in f["ranges"].items()}) for f in raw["files"]]
+                       {n: (int(a), int(b)) for n, (a, b) in f["ranges"].items()},
+                       {k: {n: (int(a), int(b)) for n, (a, b) in per.items()}
+                        for k, per in f.get("tensor_ranges", {}).items()}) for f in raw["files"]]
     m = Manifest(root, int(raw["world_size"]), int(raw["zero_stage"]), int(raw["step"]), raw["recipe"],
-                 raw.get("method_state", {}), {n: tuple(int(d) for d in s) for n, s in raw["params"].items()}, files)
+                 raw.get("method_state", {}), {n: tuple(int(d) for d in s) for n, s in raw["params"].items()}, files,
+                 raw.get("tensors", {}))
     for f in files:
         if Path(f.file).name != f.file:
             raise CheckpointError(f"{path}: file name {f.file!r} must not contain a directory")
@@ -198,6 +251,18 @@ def read_manifest(directory: str | os.PathLike) -> Manifest:
             pos = b
         if pos != numel:
             raise CheckpointError(f"{path}: the saved ranges of {name!r} cover 0..{pos} of {numel} entries")
+    for key, meta in m.tensors.items():
+        if meta.get("dtype") not in _DTYPES:
+            raise CheckpointError(f"{path}: tensor state {key!r} has an unsupported dtype {meta.get('dtype')!r}")
+        for name, shape in meta["params"].items():
+            pieces = sorted((f.tensor_ranges[key][name] for f in files if name in f.tensor_ranges.get(key, {})))
+            pos = 0
+            for a, b in pieces:
+                if a != pos or b <= a:
+                    raise CheckpointError(f"{path}: the saved ranges of tensor state {key}/{name} do not tile it")
+                pos = b
+            if pos != _numel(shape):
+                raise CheckpointError(f"{path}: tensor state {key}/{name} covers 0..{pos} of {_numel(shape)} entries")
     return m
 
 
@@ -248,6 +313,23 @@ def read_ranges(manifest: Manifest, wanted: dict[str, tuple[int, int]]) -> dict[
                 keep, train = out[name]
                 keep[a - start : b - start] = _read_bits(handle, f"{name}.keep", a - fa, b - fa)
                 train[a - start : b - start] = _read_bits(handle, f"{name}.train", a - fa, b - fa)
+    return out
+
+
+def read_tensor_ranges(manifest: Manifest, key: str, wanted: dict[str, tuple[int, int]]) -> dict[str, torch.Tensor]:
+    """Entries ``[start, end)`` of tensor state ``key`` of every ``name: (start, end)`` in ``wanted``
+    (checksums verified first, only the overlapping bytes read)."""
+    dtype = _DTYPES[manifest.tensors[key]["dtype"]]
+    out = {n: torch.zeros(b - a, dtype=dtype) for n, (a, b) in wanted.items()}
+    for f in manifest.files:
+        per = f.tensor_ranges.get(key, {})
+        todo = [(n, max(a, per[n][0]), min(b, per[n][1]), per[n][0], a) for n, (a, b) in wanted.items() if n in per]
+        todo = [t for t in todo if t[1] < t[2]]
+        if not todo:
+            continue
+        with safe_open(verify_file(manifest, f), framework="pt") as handle:
+            for name, a, b, fa, start in todo:
+                out[name][a - start : b - start] = handle.get_slice(f"method.{key}.{name}")[a - fa : b - fa]
     return out
 
 
@@ -357,6 +439,13 @@ def load_dimred_state(manager, directory: str | os.PathLike) -> Manifest:
                 f"{manager.recipe.method!r}"
             )
         masks = read_ranges(manifest, {n: (v.start, v.end) for n, v in views.items() if v.local_numel})
+        tensors = {}
+        for key, meta in manifest.tensors.items():
+            mine = {n: manager.ctx.view_of(n) for n in meta["params"]}
+            for n, v in mine.items():
+                if tuple(meta["params"][n]) != tuple(v.shape):
+                    raise CheckpointError(f"tensor state {key}/{n} has shape {meta['params'][n]}, here {v.shape}")
+            tensors[key] = read_tensor_ranges(manifest, key, {n: (v.start, v.end) for n, v in mine.items()})
     except Exception as e:  # noqa: BLE001 - re-raised below on this rank, reported on the others
         error = e
     if int(coll.all_reduce_max(torch.tensor([int(error is not None)]))[0]):
@@ -372,7 +461,10 @@ def load_dimred_state(manager, directory: str | os.PathLike) -> Manifest:
         sd.update({f"{name}.keep": keep.to(device), f"{name}.train": train.to(device),
                    f"{name}.range": torch.tensor([v.start, v.end]),
                    f"{name}.shape": torch.tensor(v.shape, dtype=torch.int64)})
-    manager.load_state_dict({"step": manifest.step, "masks": sd, "method": manifest.method_state})
+    devices = {n: manager.ctx.view_of(n).weight().device for per in tensors.values() for n in per}
+    tensors = {k: {n: t.to(devices[n]) for n, t in per.items()} for k, per in tensors.items()}
+    manager.load_state_dict({"step": manifest.step, "masks": sd, **manager.split_plain(manifest.method_state),
+                             "tensors": tensors})
     topo = manager.adapter.topology
     logger.info(
         "dimred: restored the topology of step %d saved by %d ranks at ZeRO stage %d (now %d ranks, stage %d)",

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from dimred_dist.distributed.adapter import drop_gradients
 from dimred_dist.distributed.collectives import Collectives
 from dimred_dist.distributed.topology import Topology
 from dimred_dist.distributed.views import ShardView
@@ -238,19 +239,27 @@ class ZeroAdapter:
             manager.count_step()
             return out
 
+        def pre(opt, args, kwargs):
+            if manager.skipping:  # ZeRO steps one flat partition at a time: drop this one's gradient
+                drop_gradients(opt)
+
         zero.step = types.MethodType(step, zero)
         zero._dimred_installed = True
         self._orig_step = orig_step
-        self._post = self.inner.register_step_post_hook(
-            lambda opt, args, kwargs: manager.enforce_weights(self._stepped(opt))
-        )
+        self._hooks = [
+            self.inner.register_step_pre_hook(pre),
+            self.inner.register_step_post_hook(
+                lambda opt, args, kwargs: manager.after_optimizer_step(self._stepped(opt), count=False)
+            ),
+        ]
         return self.inner
 
     def uninstall(self) -> None:
         """Give the ZeRO optimizer its own step back."""
         if getattr(self.zero, "_dimred_installed", False):
             del self.zero.step  # the class's own step again
-            self._post.remove()
+            for h in self._hooks:
+                h.remove()
             self.zero._dimred_installed = False
 
     def _stepped(self, opt) -> set[int]:

@@ -83,7 +83,6 @@ class DimRedCallback(TrainerCallback):
         self._trainer = None
         self._logged: tuple[int, dict[str, float]] | None = None  # (manager step, metrics) of the last log
         self._n_logs = 0
-        self._pre_step_handle = None
 
     def on_init_end(self, args, state, control, model=None, **kwargs):
         _move_to_front(self)
@@ -93,7 +92,7 @@ class DimRedCallback(TrainerCallback):
             names = freeze_whole_tensors(model, self.recipe.freeze)
             logger.info("dimred: froze %d whole tensors before the optimizer is built", len(names))
 
-    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, lr_scheduler=None, **kwargs):
         if self.manager is not None:
             return
         zero = _deepspeed_engine_optimizer(optimizer)
@@ -102,40 +101,29 @@ class DimRedCallback(TrainerCallback):
 
             adapter = ZeroAdapter(zero, module=model)
             self.manager = self._new_manager(args, state, model, adapter)
-            self.manager.attach(zero)
+            self.manager.attach(zero, lr_scheduler=lr_scheduler)
             return
         inner = getattr(optimizer, "optimizer", optimizer)
         self.manager = self._new_manager(args, state, model, None)
+        # The manager runs in the optimizer's pre-step hook, once per step. Without DeepSpeed the Trainer
+        # computes the norm (and clips) through accelerator.clip_grad_norm_ before optimizer.step(): run it
+        # there first, so the norm sees TRAIN entries only (the pre-hook then finds the step done). Where
+        # the Trainer computes no norm (transformers 4 with max_grad_norm=0) the pre-hook runs it.
+        self.manager.attach(inner, pre_step=False, lr_scheduler=lr_scheduler)
         accelerator = getattr(getattr(self, "_trainer", None), "accelerator", None)
         if accelerator is None:
             logger.warning(
                 "dimred: Trainer not found; gradients are masked in the optimizer's pre-step hook, after the Trainer "
                 "computed the gradient norm"
             )
-            self.manager.attach(inner)
             return
-        # Without DeepSpeed the Trainer computes the norm (and clips) through accelerator.clip_grad_norm_
-        # at most once per optimizer step, before optimizer.step(): mask there so the norm sees TRAIN only.
-        # Where it computes no norm (transformers 4 with max_grad_norm=0), the optimizer's pre-step hook
-        # runs the manager instead.
-        self.manager.attach(inner, pre_step=False)
         clip = accelerator.clip_grad_norm_
-        ran_before_norm = False
 
         def masked_clip_grad_norm_(*a, **kw):
-            nonlocal ran_before_norm
             self.manager.before_optimizer_step()
-            ran_before_norm = True
             return clip(*a, **kw)
 
-        def pre_step(*_):
-            nonlocal ran_before_norm
-            if not ran_before_norm:
-                self.manager.before_optimizer_step()
-            ran_before_norm = False
-
         accelerator.clip_grad_norm_ = masked_clip_grad_norm_
-        self._pre_step_handle = inner.register_step_pre_hook(pre_step)
 
     def _new_manager(self, args, state, model, adapter) -> DimRedManager:
         """A prepared manager: a fresh topology, or the one of the checkpoint the Trainer resumes from."""
@@ -168,9 +156,6 @@ class DimRedCallback(TrainerCallback):
     def on_train_end(self, args, state, control, **kwargs):
         if self.manager is None:
             return
-        if self._pre_step_handle is not None:
-            self._pre_step_handle.remove()
-            self._pre_step_handle = None
         if self._logged is not None and self._logged[0] == self.manager.step:
             metrics = self._logged[1]  # the Trainer logs once more just before the end: reuse, no collective
         else:

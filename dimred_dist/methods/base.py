@@ -1,142 +1,201 @@
 """The lifecycle every method shares, and the hooks a method overrides.
 
 A method is a policy: at chosen steps it scores the entries it can see (through shard views) and
-moves entries between TRAIN, FREEZE and PRUNE. The lifecycle is:
+moves entries between TRAIN, FREEZE and PRUNE. The manager alone sequences the hooks, each a no-op
+unless a method or its schedule needs it::
 
-1. :meth:`Method.initialize` once before the first step: score every entry with
-   :meth:`Method.init_scores`, keep the best ones within the layer-wise budget, and turn the others
-   into :attr:`Method.init_state` (PRUNE for pruning methods, FREEZE for freezing methods);
-2. before each optimizer step for which :meth:`Method.is_update_step` is true,
-   :meth:`Method.update` changes the topology (dynamic methods).
+    probe -> initialize -> per optimizer step: observe -> update -> (optimizer step) -> after_step
 
-Selection is exact and identical on every rank and world size (see
-:mod:`dimred_dist.distributed.topk`); random scores come from :mod:`dimred_dist.core.rng`.
+* :meth:`Method.probe`: scoring passes outside a training step (SNIP, GraSP, SynFlow, FORCE), with
+  a :class:`~dimred_dist.distributed.probe.Prober` that runs forward / backward on the probe data;
+* :meth:`Method.initialize`: the initial topology at the schedule's initial density;
+* :meth:`Method.observe`: every step, with the rank's dense reduced gradients before masking;
+* :meth:`Method.update`: a topology change, returning metrics, or ``None`` for no change;
+* :meth:`Method.after_step`: after the optimizer wrote the fp32 masters, before they are copied
+  into the module weights (weight rewinding).
+
+*Which* entries a method keeps is its scores (:meth:`Method.scores`, :meth:`Method.init_scores`,
+:meth:`Method.grow_scores`); *when* the topology changes and to what density is the recipe's
+schedule (:mod:`dimred_dist.core.schedules`), so any score runs with any schedule. Selection is
+exact and identical on every rank and world size (:mod:`dimred_dist.distributed.topk`); random
+scores come from :mod:`dimred_dist.core.rng`.
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 import torch
 
 from dimred_dist.core.config import MethodConfig, Recipe
-from dimred_dist.core.state import DimRedState, ElementState
-from dimred_dist.distributed.collectives import Collectives
-from dimred_dist.distributed.topk import Segment, exact_topk_masks
-from dimred_dist.distributed.views import ShardView
+from dimred_dist.core.rng import random_uint32
+from dimred_dist.core.state import ElementState
+from dimred_dist.methods.context import MethodContext
+from dimred_dist.methods.rewind import Rewinding
 
+__all__ = ["Method", "MethodContext"]
 
-@dataclass
-class MethodContext:
-    """Everything a method may look at: views, state, collectives and the layer budgets.
-
-    Attributes:
-        views: Shard view per managed parameter, in model order.
-        state: The TRAIN / FREEZE / PRUNE state over each view's local range.
-        coll: Collectives over the ranks that share the parameters.
-        keep_counts: Entries kept (not pruned / not frozen) per layer at the target density.
-        global_budget: If True, one top-k across all layers decides instead of per-layer counts.
-        total_steps: Length of training in optimizer steps (for schedules).
-        regrown: Local masks of entries a topology update (re)grew; their optimizer moments restart
-            at zero. Filled by methods, consumed and cleared by the manager.
-    """
-
-    views: dict[str, ShardView]
-    state: DimRedState
-    coll: Collectives
-    keep_counts: dict[str, int]
-    global_budget: bool
-    total_steps: int
-    regrown: dict[str, torch.Tensor] = field(default_factory=dict)
-
-    def select(
-        self,
-        scores: dict[str, torch.Tensor],
-        counts: dict[str, int],
-        eligible: dict[str, torch.Tensor] | None = None,
-    ) -> dict[str, torch.Tensor]:
-        """Local masks of the ``counts[name]`` highest-scoring (eligible) entries of every layer.
-
-        With a global budget the counts are summed and one selection runs over all layers (ties
-        broken by layer order, then flat index).
-        """
-        names = list(self.views)
-        eligible = eligible or {}
-        segments: list[Segment] = []
-        if self.global_budget:
-            offset = 0
-            for name in names:
-                v = self.views[name]
-                segments.append(Segment(0, offset + v.start, scores[name], eligible.get(name)))
-                offset += v.numel
-            masks = exact_topk_masks(segments, [offset], [sum(counts[n] for n in names)], self.coll)
-        else:
-            for i, name in enumerate(names):
-                v = self.views[name]
-                segments.append(Segment(i, v.start, scores[name], eligible.get(name)))
-            sizes = [self.views[n].numel for n in names]
-            masks = exact_topk_masks(segments, sizes, [counts[n] for n in names], self.coll)
-        return dict(zip(names, masks))
-
-    def global_count(self, local: dict[str, torch.Tensor]) -> dict[str, int]:
-        """Per-layer sums over ranks of local bool masks (one small all-reduce)."""
-        names = list(self.views)
-        t = torch.tensor([int(local[n].sum()) for n in names], dtype=torch.int64)
-        return dict(zip(names, self.coll.all_reduce_sum(t).tolist()))
+ScoreFn = Callable[[Any, MethodContext], torch.Tensor]
 
 
 class Method:
-    """Base lifecycle. Subclasses override :meth:`init_scores` and, if dynamic, the update hooks."""
+    """Base lifecycle. A subclass defines :meth:`scores` and overrides the hooks where it differs."""
 
     method_name: ClassVar[str] = "base"
     config_cls: ClassVar[type[MethodConfig]] = MethodConfig
-    #: What the entries that are not selected at initialization become.
+    #: What entries become when they leave the active set (PRUNE for pruning methods, FREEZE for freezing).
     init_state: ClassVar[ElementState] = ElementState.PRUNE
-    #: True if the topology changes during training (the manager then tracks the ITOP rate).
-    dynamic: ClassVar[bool] = False
+    #: The schedule of a recipe that names none (a recipe mapping with ``kind``).
+    default_schedule: ClassVar[dict[str, Any]] = {"kind": "one_shot"}
+    #: True if :meth:`probe` needs data batches (not only a synthetic input).
+    needs_data: ClassVar[bool] = False
 
     def __init__(self, recipe: Recipe) -> None:
         self.recipe = recipe
         self.config = recipe.args
+        self.schedule = recipe.schedule
+        self.rewinding = Rewinding(self.schedule) if self.schedule.kind == "imp" else None
 
-    # ---- hooks ---------------------------------------------------------------------------
-    def init_scores(self, view: ShardView, ctx: MethodContext) -> torch.Tensor:
-        """Scores of the local entries at initialization; the highest are kept."""
-        raise NotImplementedError(f"{type(self).__name__} must define init_scores")
+    @property
+    def dynamic(self) -> bool:
+        """True if the topology can change during training (the manager then tracks the ITOP rate)."""
+        return self.schedule.changes_topology
 
-    def is_update_step(self, step: int) -> bool:
-        """Whether :meth:`update` runs before optimizer step ``step`` (0-based). Static: never."""
-        return False
+    @property
+    def needs_probe(self) -> bool:
+        """Whether :meth:`probe` must run before :meth:`initialize` (a fresh, not a resumed, run)."""
+        return type(self).probe is not Method.probe and self.schedule.initial_density(self.recipe.density) < 1.0
 
-    def update(self, ctx: MethodContext, step: int) -> dict[str, float]:
-        """Change the topology before optimizer step ``step``; returns flat metrics."""
-        return {}
+    # ---- score hooks ---------------------------------------------------------------------
+    def scores(self, view, ctx: MethodContext) -> torch.Tensor:
+        """The criterion: active entries with the highest scores survive a pruning or drop step."""
+        raise NotImplementedError(f"{type(self).__name__} must define scores()")
 
-    # ---- lifecycle -----------------------------------------------------------------------
+    def init_scores(self, view, ctx: MethodContext) -> torch.Tensor:
+        """Scores of the initial topology (default: :meth:`scores`)."""
+        return self.scores(view, ctx)
+
+    def grow_scores(self, view, ctx: MethodContext, step: int) -> torch.Tensor:
+        """Inactive entries with the highest scores are regrown (default: uniformly at random, SET)."""
+        return random_uint32(self.recipe.seed, step, view.name, view.start, view.end, salt=1)
+
+    # ---- lifecycle hooks -----------------------------------------------------------------
+    def probe(self, ctx: MethodContext, prober) -> None:
+        """Scoring passes before training (no optimizer step); the default needs none."""
+
     def initialize(self, ctx: MethodContext) -> None:
-        """Select the initial TRAIN entries within the layer budgets."""
-        if self.recipe.sparsity == 0.0:
+        """Check the schedule, then select the initial active entries at its initial density."""
+        self.schedule.check(ctx.total_steps, self.recipe.density)
+        density = self.schedule.initial_density(self.recipe.density)
+        if self.recipe.sparsity == 0.0 or density >= 1.0:
             return
         scores = {name: self.init_scores(v, ctx) for name, v in ctx.views.items()}
-        selected = ctx.select(scores, ctx.keep_counts)
-        for name, mask in selected.items():
-            ps = ctx.state[name]
-            if self.init_state is ElementState.PRUNE:
-                ps.set_keep(mask)
-            else:
-                ps.set_train(mask)
+        ctx.apply(ctx.select(scores, ctx.budgets(density)), self.init_state)
 
+    def observe(self, ctx: MethodContext, step: int) -> None:
+        """Every step, before the update, with the dense reduced gradients (rewinding snapshots here)."""
+        if self.rewinding is not None:
+            self.rewinding.observe(ctx, step)
+
+    def update(self, ctx: MethodContext, step: int) -> dict[str, float] | None:
+        """The schedule's topology change before step ``step``: metrics, or None if nothing changed."""
+        if self.recipe.sparsity == 0.0 or not self.schedule.is_update_step(step, ctx.total_steps):
+            return None
+        if self.schedule.regrows:
+            out = self.rewire(ctx, step)
+            if out is not None and self.schedule.skip_step:
+                ctx.skip_step()
+            return out
+        density = self.schedule.density(step, ctx.total_steps, self.recipe.density)
+        out = self.prune_to(ctx, density)
+        if self.rewinding is not None:
+            self.rewinding.round_end(ctx, step)
+            out = {**(out or {}), "dimred/round": float(self.schedule.round_of_update(step, ctx.total_steps))}
+        return out
+
+    def after_step(self, ctx: MethodContext, step: int) -> bool:
+        """After the optimizer wrote the masters of :meth:`MethodContext.written_views` (weight rewinding
+        here); returns True if the method wrote weights itself (pruned entries must stay 0)."""
+        if self.rewinding is not None:
+            return self.rewinding.after_step(ctx, step)
+        return False
+
+    # ---- the two kinds of update ---------------------------------------------------------
+    @torch.no_grad()
+    def prune_to(self, ctx: MethodContext, density: float) -> dict[str, float] | None:
+        """Remove the lowest-scoring active entries until the layer budgets of ``density`` hold."""
+        target, old = ctx.budgets(density), ctx.active_masks(self.init_state)
+        n_active = ctx.global_count(old)
+        if ctx.global_budget:
+            if sum(target.values()) >= sum(n_active.values()):
+                return None
+            counts = target
+        else:
+            counts = {n: min(target[n], n_active[n]) for n in ctx.views}
+            if counts == n_active:
+                return None
+        keep = ctx.select({n: self.scores(v, ctx) for n, v in ctx.views.items()}, counts, eligible=old)
+        ctx.apply(keep, self.init_state)
+        return {"dimred/churn": ctx.churn(old, keep), "dimred/target_density": float(density)}
+
+    @torch.no_grad()
+    def rewire(self, ctx: MethodContext, step: int) -> dict[str, float] | None:
+        """Drop ``int(drop_fraction * n_active)`` of each layer's active entries with the lowest
+        :meth:`scores`, regrow as many of the other entries with the highest :meth:`grow_scores`.
+
+        As in RigL's code, an entry dropped in this update competes for regrowth and, if regrown,
+        is not a new connection: it keeps its value and moments. A new connection (inactive before)
+        starts at 0 when pruning (at its frozen value when freezing) with zero optimizer moments.
+        """
+        frac = self.schedule.drop(step, ctx.total_steps)
+        old = ctx.active_masks(self.init_state)
+        n_active = ctx.global_count(old)
+        n_drop = {n: int(frac * n_active[n]) for n in ctx.views}
+        if not any(n_drop.values()):
+            return None
+        survivors = ctx.select(
+            {n: self.scores(v, ctx) for n, v in ctx.views.items()},
+            {n: n_active[n] - n_drop[n] for n in ctx.views},
+            eligible=old,
+        )
+        grown = ctx.select(
+            {n: self.grow_scores(v, ctx, step) for n, v in ctx.views.items()},
+            n_drop,
+            eligible={n: ~m for n, m in survivors.items()},
+        )
+        new = {n: survivors[n] | grown[n] for n in ctx.views}
+        fresh = {n: grown[n] & ~old[n] for n in ctx.views}
+        if self.init_state is ElementState.PRUNE:
+            for name, v in ctx.views.items():
+                v.weight().masked_fill_(fresh[name], 0.0)
+        ctx.apply(new, self.init_state)
+        ctx.reset_moments(fresh)
+        return {"dimred/churn": ctx.churn(old, new), "dimred/drop_fraction": frac}
+
+    # ---- persistence ---------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """Schedule state of the method (plain data). Stateless by default."""
-        return {}
+        """Plain-data state of the method (JSON); the schedule needs only the manager's step."""
+        return {} if self.rewinding is None else {"rewinding": self.rewinding.state_dict()}
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
-        if sd:
-            raise ValueError(f"{type(self).__name__} keeps no state but got keys {sorted(sd)}")
+        extra = sorted(set(sd) - ({"rewinding"} if self.rewinding is not None else set()))
+        if extra:
+            raise ValueError(f"{type(self).__name__} keeps no state {extra}")
+        if self.rewinding is not None and "rewinding" in sd:
+            self.rewinding.load_state_dict(sd["rewinding"])
 
+    def tensor_state(self) -> dict[str, dict[str, torch.Tensor]]:
+        """Tensors over views' local ranges, ``{key: {parameter name: local 1-D tensor}}``.
 
-def default_end_step(total_steps: int, end_fraction: float) -> int:
-    """The step at which topology updates stop: ``end_fraction`` of training, at least 1."""
-    return max(1, int(math.floor(total_steps * end_fraction)))
+        Checkpoints store them by global range next to the masks, so they reshard on a change of
+        world size or ZeRO stage. The parameter may be any trainable one (its view comes from
+        :meth:`MethodContext.trainable_views`).
+        """
+        return {} if self.rewinding is None else self.rewinding.tensor_state()
+
+    def load_tensor_state(self, tensors: dict[str, dict[str, torch.Tensor]]) -> None:
+        """Restore what :meth:`tensor_state` returned (already cut to this rank's ranges)."""
+        if self.rewinding is not None:
+            self.rewinding.load_tensor_state(tensors)
+        elif tensors:
+            raise ValueError(f"{type(self).__name__} keeps no tensor state but got {sorted(tensors)}")

@@ -5,130 +5,67 @@
 * ``rigl``: Evci et al., 2020, "Rigging the Lottery: Making All Tickets Winners" - SET with
   regrowth by largest |gradient| (one overridden hook).
 
-Both start from a random topology within the layer budgets (ERK by default), update every
-``update_interval`` steps until ``end_fraction`` of training, and drop
-``drop_fraction * (1 + cos(pi * t / T_end)) / 2`` of each layer's active entries (cosine decay) or a
-constant fraction. Regrown entries start at 0 with zero optimizer moments. Entries dropped in an
-update may be regrown in the same update (as in the reference implementations).
+Both start from a random topology within the layer budgets (ERK by default) and run on a
+``periodic`` schedule (:class:`~dimred_dist.core.schedules.PeriodicSchedule`): every ``interval``
+steps until ``end_fraction`` of training, each layer drops ``int(drop_fraction_t * n_active)`` of its
+active entries (RigL's code truncates) with the drop fraction decayed by a cosine (RigL) or held
+constant (SET), and regrows as many. Regrown entries start at 0 with zero optimizer moments, and the
+optimizer does not step on an update step (RigL's Algorithm 1; ``schedule.skip_step: false`` keeps
+the step). Entries dropped in an update may be regrown in the same update (as in the reference
+implementations). The update itself is :meth:`~dimred_dist.methods.base.Method.rewire`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 
 from dimred_dist.core.config import MethodConfig
 from dimred_dist.core.registry import register_method
-from dimred_dist.core.rng import random_uint32
-from dimred_dist.core.schedules import ConstantValue, CosineDecay, PeriodicUpdate
 from dimred_dist.distributed.views import ShardView
-from dimred_dist.methods.base import MethodContext, default_end_step
-from dimred_dist.methods.static import RandomPruning
+from dimred_dist.methods.base import Method, MethodContext
+from dimred_dist.methods.static import magnitude_scores, random_scores
 
 
 @dataclass(kw_only=True)
 class DynamicConfig(MethodConfig):
-    """Hyper-parameters of dynamic sparse training.
+    """Hyper-parameters of dynamic sparse training beyond its schedule.
 
     Attributes:
-        update_interval: Optimizer steps between topology updates (Delta T).
-        drop_fraction: Fraction of each layer's active entries dropped at the first update (alpha).
-        end_fraction: Updates stop after this fraction of the planned steps (T_end / T).
-        decay: ``cosine`` (RigL) or ``constant`` (SET) schedule of the drop fraction.
         init: Initial topology: ``random`` (training from scratch, as in the papers) or ``magnitude``
             (largest |w|: fine-tuning a pretrained model keeps its strongest weights).
     """
 
-    update_interval: int = 100
-    drop_fraction: float = 0.3
-    end_fraction: float = 0.75
-    decay: str = "cosine"
     init: str = "random"
 
     def __post_init__(self) -> None:
-        if self.update_interval < 1:
-            raise ValueError(f"update_interval must be >= 1, got {self.update_interval}")
-        if not 0.0 <= self.drop_fraction <= 1.0:
-            raise ValueError(f"drop_fraction must be in [0, 1], got {self.drop_fraction}")
-        if not 0.0 < self.end_fraction <= 1.0:
-            raise ValueError(f"end_fraction must be in (0, 1], got {self.end_fraction}")
-        if self.decay not in ("cosine", "constant"):
-            raise ValueError(f"decay must be 'cosine' or 'constant', got {self.decay!r}")
         if self.init not in ("random", "magnitude"):
             raise ValueError(f"init must be 'random' or 'magnitude', got {self.init!r}")
 
 
 @register_method("set")
-class SET(RandomPruning):
-    """Drop smallest |w| among active entries, regrow uniformly at random among pruned ones."""
+class SET(Method):
+    """Drop smallest |w| among active entries, regrow uniformly at random among inactive ones."""
 
     config_cls = DynamicConfig
-    dynamic = True
+    default_schedule: ClassVar[dict[str, Any]] = {"kind": "periodic", "decay": "constant"}
 
-    def initialize(self, ctx: MethodContext) -> None:
-        if ctx.total_steps < 1:
-            raise ValueError(
-                f"{self.method_name} needs the planned number of steps (total_steps), got {ctx.total_steps}"
-            )
-        cfg = self.config
-        end = default_end_step(ctx.total_steps, cfg.end_fraction)
-        self.schedule = PeriodicUpdate(interval=cfg.update_interval, end=end)
-        self.drop = (
-            CosineDecay(value=cfg.drop_fraction, end=end)
-            if cfg.decay == "cosine"
-            else ConstantValue(value=cfg.drop_fraction)
-        )
-        super().initialize(ctx)
-
-    # ---- hooks ---------------------------------------------------------------------------
     def init_scores(self, view: ShardView, ctx: MethodContext) -> torch.Tensor:
         if self.config.init == "magnitude":
-            return view.weight().detach().abs()
-        return super().init_scores(view, ctx)
+            return magnitude_scores(view)
+        return random_scores(self.recipe.seed, view)
 
-    def drop_scores(self, view: ShardView, ctx: MethodContext) -> torch.Tensor:
-        """Active entries with the highest score survive."""
-        return view.weight().detach().abs()
-
-    def grow_scores(self, view: ShardView, ctx: MethodContext, step: int) -> torch.Tensor:
-        """Pruned entries with the highest score are regrown."""
-        return random_uint32(self.recipe.seed, step, view.name, view.start, view.end, salt=1)
-
-    # ---- lifecycle -----------------------------------------------------------------------
-    def is_update_step(self, step: int) -> bool:
-        return self.schedule.is_update_step(step)
-
-    @torch.no_grad()
-    def update(self, ctx: MethodContext, step: int) -> dict[str, float]:
-        frac = self.drop(step)
-        old = {n: ctx.state[n].keep.clone() for n in ctx.views}
-        n_active = ctx.global_count(old)
-        n_drop = {n: int(round(frac * n_active[n])) for n in ctx.views}
-        survivors = ctx.select(
-            {n: self.drop_scores(v, ctx) for n, v in ctx.views.items()},
-            {n: n_active[n] - n_drop[n] for n in ctx.views},
-            eligible=old,
-        )
-        grown = ctx.select(
-            {n: self.grow_scores(v, ctx, step) for n, v in ctx.views.items()},
-            n_drop,
-            eligible={n: ~m for n, m in survivors.items()},
-        )
-        changed = torch.zeros(1, dtype=torch.int64)
-        for name, v in ctx.views.items():
-            v.weight()[grown[name]] = 0.0
-            ctx.state[name].set_keep(survivors[name] | grown[name])
-            ctx.regrown[name] = grown[name]
-            changed += int((ctx.state[name].keep ^ old[name]).sum())
-        total = sum(v.numel for v in ctx.views.values())
-        changed_total = int(ctx.coll.all_reduce_sum(changed))
-        return {"dimred/churn": changed_total / total, "dimred/drop_fraction": frac}
+    def scores(self, view: ShardView, ctx: MethodContext) -> torch.Tensor:
+        return magnitude_scores(view)
 
 
 @register_method("rigl")
 class RigL(SET):
     """SET with regrowth by largest gradient magnitude (the dense gradient of pruned entries)."""
+
+    default_schedule: ClassVar[dict[str, Any]] = {"kind": "periodic", "decay": "cosine"}
 
     def grow_scores(self, view: ShardView, ctx: MethodContext, step: int) -> torch.Tensor:
         g = view.grad()

@@ -183,6 +183,14 @@ class CompactOptimizer(torch.optim.Optimizer):
         """Update the entries ``w`` in place from their gradients ``g`` and moments ``m`` (same length)."""
         raise NotImplementedError
 
+    @torch.no_grad()
+    def restart(self) -> None:
+        """Drop every tensor's moments and step count (they restart at zero on the next step); the
+        train masks stay."""
+        for st in self.state.values():
+            for k in ("step", *self.moment_names):
+                st.pop(k, None)
+
     def state_bytes(self) -> int:
         """Bytes held in optimizer state tensors (moments, masks, step counters)."""
         return state_tensor_bytes(self)

@@ -169,8 +169,8 @@ def test_plain_python_does_not_use_deepspeed(tmp_path, job):
 def test_overrides(tmp_path, job):
     path = str(write_job(tmp_path, job))
     loaded = load_job(path, ["recipe.sparsity=0.8", "training.save_strategy=no", "deepspeed=null",
-                             "recipe.args.update_interval=7"])
-    assert loaded.recipe.sparsity == 0.8 and loaded.recipe.args.update_interval == 7
+                             "recipe.schedule.interval=7"])
+    assert loaded.recipe.sparsity == 0.8 and loaded.recipe.schedule.interval == 7
     assert loaded.training["save_strategy"] == "no" and loaded.deepspeed is None
     with pytest.raises(ValueError, match="section.key=value"):
         load_job(path, ["training.max_steps"])

@@ -50,7 +50,7 @@ def test_deepspeed_launcher(tmp_path, stage, recipe, port):
     job = lm_job(tmp_path, recipe_file(recipe), ds_json(f"zero{stage}.json"))
     path = write_job(tmp_path, job)
     cmd = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(port), "--module", "dimred_dist.cli.train",
-           "--config", str(path), "--set", "recipe.args.update_interval=2"]
+           "--config", str(path), "--set", "recipe.schedule.interval=2"]
     procs = launch([cmd], tmp_path, port)
     s = summary(tmp_path, procs)
     _check_zero(s, stage, "deepspeed", 0.1)

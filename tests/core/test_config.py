@@ -75,8 +75,10 @@ def test_unknown_key_in_targets():
 
 
 def test_unknown_key_in_args():
-    with pytest.raises(ValueError, match=r"args of method 'rigl': unknown key\(s\) \['interval'\].*update_interval"):
+    with pytest.raises(ValueError, match=r"args of method 'rigl': \['interval'\] are values of the 'periodic'"):
         load_recipe({**BASE, "method": "rigl", "args": {"interval": 10}})
+    with pytest.raises(ValueError, match=r"args of method 'rigl': unknown key\(s\) \['x'\]; valid keys: \['init'\]"):
+        load_recipe({**BASE, "method": "rigl", "args": {"x": 10}})
     with pytest.raises(ValueError, match=r"args of method 'random': unknown key\(s\) \['x'\]"):
         load_recipe({**BASE, "args": {"x": 1}})
 
@@ -128,8 +130,12 @@ def test_yaml_round_trip(tmp_path):
     path.write_text(yaml.safe_dump(recipe.to_dict()))
     again = load_recipe(path)
     assert again == recipe
-    assert again.args.update_interval == 50 and again.targets.exclude == ["lm_head"]
-    assert yaml.safe_load(path.read_text())["args"]["decay"] == "constant"  # plain data, no python tags
+    assert again.schedule.interval == 50 and again.targets.exclude == ["lm_head"]
+    assert again.schedule.drop_fraction == 0.25 and again.schedule.decay == "constant"  # legacy args moved
+    saved = yaml.safe_load(path.read_text())
+    assert saved["schedule"] == {"kind": "periodic", "interval": 50, "drop_fraction": 0.25, "end_fraction": 0.75,
+                                 "decay": "constant", "skip_step": True}  # plain data, no python tags
+    assert saved["args"] == {"init": "random"}
 
 
 def test_shipped_configs_load():

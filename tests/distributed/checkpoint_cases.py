@@ -14,9 +14,11 @@ import torch.distributed as dist
 import torch.nn as nn
 
 import dimred_dist as dd
+from dimred_dist.core.registry import register_method
 from dimred_dist.distributed.checkpoint import CheckpointError, load_dimred_state, save_dimred_state
 from dimred_dist.distributed.topology import Topology
 from dimred_dist.distributed.views import ShardView
+from dimred_dist.methods.static import RandomPruning
 from tests.zero_utils import Net, build_engine, init_deepspeed, make_model
 
 
@@ -98,6 +100,45 @@ def sliced_load(rank: int, world: int, cuts: list[int], directory: str) -> dict:
                         for n, a in local(mgr).items())
         return {"error": str(e), "unchanged": unchanged}
     return {"masks": local(mgr), "step": mgr.step}
+
+
+# ---- method tensor state ---------------------------------------------------------------------
+def tensor_values(name: str, start: int, end: int) -> dict[str, torch.Tensor]:
+    """Values that depend only on the global index: a load that put a slice in the wrong place shows."""
+    idx = torch.arange(start, end, dtype=torch.int64)
+    return {"snap": idx.to(torch.float32) * 0.5 + len(name), "flag": (idx + len(name)) % 3 == 0}
+
+
+@register_method("test_tensor_state")
+class TensorStateMethod(RandomPruning):
+    """Random pruning plus tensor state over every trainable parameter (managed or not)."""
+
+    def initialize(self, ctx) -> None:
+        super().initialize(ctx)
+        self.ctx = ctx
+        self.loaded: dict = {}
+
+    def tensor_state(self):
+        out: dict = {"snap": {}, "flag": {}}
+        for n, v in self.ctx.trainable_views().items():
+            for k, t in tensor_values(n, v.start, v.end).items():
+                out[k][n] = t
+        return out
+
+    def load_tensor_state(self, tensors) -> None:
+        self.loaded = tensors
+
+
+def tensor_save(rank: int, world: int, cuts: list[int], directory: str) -> None:
+    mgr = dd.DimRedManager(recipe("test_tensor_state"), mlp(), adapter=SliceAdapter(cuts)).prepare()
+    save_dimred_state(mgr, directory)
+
+
+def tensor_load(rank: int, world: int, cuts: list[int], directory: str) -> dict:
+    mgr = dd.DimRedManager(recipe("test_tensor_state"), mlp(1), adapter=SliceAdapter(cuts)).prepare(resuming=True)
+    load_dimred_state(mgr, directory)
+    ranges = {n: (v.start, v.end) for n, v in mgr.ctx.trainable_views().items()}
+    return {"loaded": mgr.method.loaded, "ranges": ranges}
 
 
 def assemble(pieces: list[tuple[int, int, torch.Tensor]], numel: int) -> torch.Tensor:

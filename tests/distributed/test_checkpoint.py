@@ -180,6 +180,25 @@ def test_any_layout_reads_back_what_any_layout_saved(sliced, cuts):
 
 
 @pytest.mark.distributed
+@pytest.mark.parametrize("cuts", [[0, 5, 6], [0, 1]], ids=["2 uneven", "1 process"])
+def test_method_tensor_state_reshards(tmp_path, cuts):
+    """Tensor state saved by 3 ranks (rank 2 owns half of every parameter, biases included) is read back at
+    another layout: every rank gets exactly its own range, in place, with its dtype."""
+    run_distributed(cases.tensor_save, 3, [0, 1, 2, 4], str(tmp_path))
+    manifest = read_manifest(tmp_path)
+    assert manifest.tensors["snap"]["dtype"] == "float32" and manifest.tensors["flag"]["dtype"] == "bool"
+    assert set(manifest.tensors["snap"]["params"]) == {n for n, _ in cases.mlp().named_parameters()}
+    ranks = run_distributed(cases.tensor_load, len(cuts) - 1, cuts, str(tmp_path))
+    for r in ranks:
+        assert set(r["loaded"]) == {"snap", "flag"}
+        for key, per in r["loaded"].items():
+            assert set(per) == set(r["ranges"])
+            for n, t in per.items():
+                expected = cases.tensor_values(n, *r["ranges"][n])[key]
+                assert t.dtype == expected.dtype and torch.equal(t, expected), (key, n)
+
+
+@pytest.mark.distributed
 def test_one_process_reads_a_four_rank_save(sliced):
     path, full = sliced
     fresh = _manager(cases.mlp(seed=3), resuming=True)

@@ -116,7 +116,7 @@ def test_dynamic_updates_match_single_process(stage, precision, method):
         if method == "rigl":
             assert any(bool((g[n][~keep0[n]] != 0).any()) for n in g), "RigL must see dense gradients of pruned entries"
         ref.ctx.views = {n: ArrayView(n, r0["shapes"][n], w[n].clone(), g[n].clone()) for n in w}
-        ref.ctx.regrown.clear()
+        ref.ctx.take_requests()
         for n in w:
             ref.ctx.state[n].keep.copy_(keep0[n])
             ref.ctx.state[n].train.copy_(train0[n])
@@ -128,7 +128,7 @@ def test_dynamic_updates_match_single_process(stage, precision, method):
                 if field == "w":
                     exp = ref.ctx.views[n].weight()
                 elif field == "regrown":
-                    exp = ref.ctx.regrown[n]
+                    exp = ref.ctx.moment_resets[n]
                 else:
                     exp = getattr(ref.ctx.state[n], field)
                 assert torch.equal(got[n], exp), f"update before step {step}: {field} of {n} differs from one process"
