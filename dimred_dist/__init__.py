@@ -9,7 +9,9 @@ from dimred_dist.core.config import Recipe, load_recipe
 from dimred_dist.core.registry import register_method, registered_methods
 from dimred_dist.core.state import DimRedState, ElementState, ParamState
 from dimred_dist.core.targets import TargetConfig
+from dimred_dist.distributed.probe import ProbeData
 from dimred_dist.manager import DimRedManager
+from dimred_dist.scoring import score_entries
 
 __version__ = "0.1.0"
 
@@ -18,9 +20,11 @@ __all__ = [
     "DimRedState",
     "ElementState",
     "ParamState",
+    "ProbeData",
     "Recipe",
     "TargetConfig",
     "load_recipe",
     "register_method",
     "registered_methods",
+    "score_entries",
 ]

@@ -38,6 +38,7 @@ from dimred_dist.core.registry import get_method
 from dimred_dist.core.state import DimRedState, ParamState
 from dimred_dist.core.targets import select_parameters
 from dimred_dist.distributed.adapter import ReplicatedAdapter
+from dimred_dist.distributed.probe import ProbeData, Prober
 from dimred_dist.distributed.protocol import ShardAdapter
 from dimred_dist.methods.base import Method, MethodContext
 from dimred_dist.metrics import EverActive, compute_metrics
@@ -87,12 +88,19 @@ class DimRedManager:
         self._lr_saved: dict[str, dict[str, Any]] = {}
 
     # ---- set-up --------------------------------------------------------------------------
-    def prepare(self, *, resuming: bool = False) -> DimRedManager:
-        """Build views and state, choose the initial topology and apply it to the weights.
+    def prepare(self, *, resuming: bool = False, probe: ProbeData | None = None) -> DimRedManager:
+        """Build views and state, run the method's scoring passes, choose the initial topology and apply it.
 
-        ``resuming=True`` leaves the weights alone: the method still sets up its schedules (and picks a
-        throwaway initial topology), and :func:`dimred_dist.distributed.checkpoint.load_dimred_state`
-        sets the saved topology next (masking trained weights with a fresh topology would destroy them).
+        Args:
+            resuming: Leave the weights alone and choose no topology:
+                :func:`dimred_dist.distributed.checkpoint.load_dimred_state` sets the saved one next
+                (masking trained weights with a fresh topology would destroy them).
+            probe: Batches and a loss for methods that score entries on data before training (SNIP,
+                GraSP, FORCE, ...); the same on every rank. Methods that need none ignore it.
+
+        Raises:
+            ValueError: Before any weight changes, for a method that needs probe data and got none, or
+                whose probe gives no gradient.
         """
         views = self.adapter.views(self.params)
         state = DimRedState({n: ParamState.dense(n, v.shape, v.start, v.end) for n, v in views.items()})
@@ -108,10 +116,13 @@ class DimRedManager:
             distribution=self.recipe.distribution,
             trainable_views_fn=self._trainable_views,
         )
-        t0 = time.perf_counter()
-        self.method.initialize(self.ctx)
-        self.update_seconds += time.perf_counter() - t0
+        self.method.setup(self.ctx)
         if not resuming:
+            t0 = time.perf_counter()
+            if self.method.needs_probe:
+                self._probe(probe)
+            self.method.initialize(self.ctx)
+            self.update_seconds += time.perf_counter() - t0
             self.apply_masks()
         self._ever = EverActive(self.ctx.state) if self.method.dynamic else None
         logger.info(
@@ -119,6 +130,14 @@ class DimRedManager:
             self.recipe.sparsity, self.recipe.distribution, self.recipe.schedule.kind, len(views),
         )
         return self
+
+    def _probe(self, data: ProbeData | None) -> None:
+        ctx = self.ctx
+        prober = Prober(self.adapter, self.model, data, ctx.trainable_views(), ctx.coll, self.adapter.check_collectives)
+        t0 = time.perf_counter()
+        self.method.probe(ctx, prober)
+        logger.info("dimred: %s scored the entries in %.2f s (%d forward/backward passes)", self.recipe.method,
+                    time.perf_counter() - t0, prober.passes)
 
     def _trainable_views(self) -> dict:
         """Views of every trainable parameter in model order, the managed ones being the manager's own."""

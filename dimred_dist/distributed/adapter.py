@@ -6,6 +6,8 @@ The ZeRO adapters subclass it and add the step hooks DeepSpeed needs.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn as nn
 
@@ -16,6 +18,9 @@ from dimred_dist.distributed.views import ShardView, full_views
 
 class ReplicatedAdapter:
     """Whole parameters on every rank: a single process, or DDP (replicas agree after all-reduce)."""
+
+    #: The probe can differentiate gradients again (GraSP's Hessian-gradient product by double backward).
+    supports_double_backward = True
 
     def __init__(self, topology: Topology | None = None) -> None:
         self.topology = topology or Topology.detect()
@@ -77,6 +82,29 @@ class ReplicatedAdapter:
 
     def weights_edited(self) -> None:
         """Nothing to propagate: the views are the module's own parameters."""
+
+    # ---- scoring passes outside a training step ------------------------------------------
+    def probe_model(self, module: nn.Module) -> nn.Module:
+        """What a probe's loss function calls: the bare module (every replica runs the same batches,
+        so no gradient is exchanged and the scores do not depend on the world size)."""
+        return module
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    @contextlib.contextmanager
+    def gradient_scope(self):
+        """The views read ``param.grad``; yields the loss scale (none here)."""
+        yield 1.0
+
+    def discard_gradients(self, module: nn.Module) -> None:
+        for p in module.parameters():
+            p.grad = None
+
+    def other_tensors(self, module: nn.Module) -> list[torch.Tensor]:
+        """The module's floating tensors that are not trainable parameters: buffers, frozen parameters."""
+        out = [b for b in module.buffers() if b.is_floating_point()]
+        return out + [p.data for p in module.parameters() if not p.requires_grad and p.is_floating_point()]
 
 
 def drop_gradients(optimizer: torch.optim.Optimizer) -> None:

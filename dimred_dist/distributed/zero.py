@@ -108,11 +108,17 @@ class ZeroAdapter:
     """Builds ZeRO shard views of a DeepSpeed engine and hooks the manager into its step.
 
     Args:
-        engine: A ``deepspeed.DeepSpeedEngine`` (or anything holding its ZeRO optimizer).
+        engine: A ``deepspeed.DeepSpeedEngine`` (or anything holding its ZeRO optimizer; scoring passes
+            before training, see :meth:`backward`, need the engine itself).
         module: The engine's module (default: ``engine.module``).
     """
 
+    #: Second derivatives cannot be taken through ZeRO's gradient hooks: Hessian-vector products use
+    #: finite differences of two gradient evaluations.
+    supports_double_backward = False
+
     def __init__(self, engine: Any, module: nn.Module | None = None) -> None:
+        self.engine = engine if hasattr(engine, "backward") and hasattr(engine, "module") else None
         self.zero = zero_optimizer_of(engine)
         stage = _check_supported(self.zero)
         self.module = module if module is not None else engine.module
@@ -266,10 +272,66 @@ class ZeroAdapter:
         """Ids of the flat tensors the client optimizer just stepped (ZeRO steps one group at a time)."""
         return {id(p) for g in opt.param_groups for p in g["params"]}
 
+    # ---- scoring passes outside a training step ------------------------------------------
+    def probe_model(self, module: nn.Module) -> Any:
+        """What a probe's loss function calls: the engine (its forward gathers ZeRO-3 parameters)."""
+        if self.engine is None:
+            raise RuntimeError("scoring passes under ZeRO need the DeepSpeed engine; build ZeroAdapter(engine)")
+        return self.engine
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Backward through the engine as the last micro-batch of a step, so ZeRO reduces the gradients
+        into each rank's partition (the mean over the data-parallel ranks), without an optimizer step."""
+        e = self.probe_model(self.module)
+        prev = e._is_gradient_accumulation_boundary
+        e.set_gradient_accumulation_boundary(True)
+        try:
+            e.backward(loss, scale_wrt_gas=False)
+        finally:
+            e._is_gradient_accumulation_boundary = prev
+
+    @contextlib.contextmanager
+    def gradient_scope(self):
+        """Between :meth:`backward` and :meth:`discard_gradients` the views read the reduced gradients."""
+        self._in_step = True
+        try:
+            yield float(getattr(self.zero, "loss_scale", 1.0) or 1.0)
+        finally:
+            self._in_step = False
+
+    def discard_gradients(self, module: nn.Module) -> None:
+        """Drop the reduced gradients without a step, as ZeRO does after an overflow (its own routine)."""
+        z = self.zero
+        if self.topology.zero_stage == 3:
+            z.zero_grad(set_to_none=True)
+            z.averaged_gradients = {}
+            return
+        z.zero_grad(set_to_none=True)
+        z._release_preflattened_grad_buffers()
+        for k in list(z.averaged_gradients):
+            z.averaged_gradients[k] = None
+            if k in getattr(z, "all_grad_tensors", {}):
+                z.all_grad_tensors[k] = None
+        z.micro_step_id = -1  # stage_1_and_2.INITIAL_MICRO_STEP_ID, as step() leaves it
+
+    def other_tensors(self, module: nn.Module) -> list[torch.Tensor]:
+        """This rank's copies of the module's floating tensors that have no fp32 master: buffers and
+        frozen parameters (ZeRO-3: a frozen parameter's partition, or its full copy if persistent)."""
+        out = [b for b in module.buffers() if b.is_floating_point()]
+        for p in module.parameters():
+            if p.requires_grad or not p.is_floating_point():
+                continue
+            if hasattr(p, "ds_tensor") and not getattr(p, "ds_persist", False):
+                out.append(p.ds_tensor.data)
+            else:
+                out.append(p.data)
+        return out
+
     def weights_edited(self) -> None:
         """Copy edited fp32 masters into the module weights and gather them (outside a step)."""
         z = self.zero
         if self.topology.zero_stage == 3:
+            z._partition_all_parameters()  # parameters still gathered after a forward would keep old values
             for sg in range(len(z.fp16_partitioned_groups_flat)):
                 z._reassign_or_swap_out_partitioned_parameters(sg)
             if z.persistent_parameters:

@@ -14,6 +14,7 @@ import torch.nn as nn
 
 from dimred_dist.core.config import Recipe
 from dimred_dist.core.targets import freeze_whole_tensors
+from dimred_dist.distributed.probe import ProbeData
 from dimred_dist.distributed.zero import ZeroAdapter
 from dimred_dist.manager import DimRedManager
 
@@ -25,14 +26,17 @@ def trainable(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def attach_to_engine(recipe: Recipe, engine: Any, *, total_steps: int) -> DimRedManager:
+def attach_to_engine(recipe: Recipe, engine: Any, *, total_steps: int, probe: ProbeData | None = None) -> DimRedManager:
     """Build the manager on a DeepSpeed ZeRO engine, apply the initial topology and hook its step.
+
+    ``probe``: batches (the same on every rank) and a loss for methods that score entries on data
+    before training (SNIP, GraSP, FORCE, ...); the scoring passes run through the engine.
 
     Raises:
         ValueError / TypeError: For ZeRO set-ups the manager cannot serve (offload, BF16_Optimizer,
             round-robin gradients) or a client optimizer that is not mask-aware, before any step.
     """
     manager = DimRedManager(recipe, engine.module, adapter=ZeroAdapter(engine), total_steps=total_steps)
-    manager.prepare()
+    manager.prepare(probe=probe)
     manager.attach(engine)
     return manager

@@ -99,7 +99,8 @@ class DimRedCallback(TrainerCallback):
         if zero is not None:
             from dimred_dist.distributed.zero import ZeroAdapter
 
-            adapter = ZeroAdapter(zero, module=model)
+            engine = getattr(self._trainer, "model_wrapped", None)
+            adapter = ZeroAdapter(engine if hasattr(engine, "backward") else zero, module=model)
             self.manager = self._new_manager(args, state, model, adapter)
             self.manager.attach(zero, lr_scheduler=lr_scheduler)
             return
@@ -130,7 +131,14 @@ class DimRedCallback(TrainerCallback):
         resume = getattr(self, "_resume", None) or TrainerResume(None)
         checkpoint = resume.checkpoint_dir(args, state)
         manager = DimRedManager(self.recipe, model, adapter=adapter, total_steps=state.max_steps)
-        manager.prepare(resuming=checkpoint is not None)
+        probe = None
+        if checkpoint is None and manager.method.needs_probe and self._trainer is not None:
+            from dimred_dist.integrations.hf_probe import probe_data_from_trainer
+
+            # data-free methods take one batch for the shape of their synthetic input
+            n = manager.method.probe_batches if manager.method.needs_data else 1
+            probe = probe_data_from_trainer(self._trainer, n, self.recipe.seed)
+        manager.prepare(resuming=checkpoint is not None, probe=probe)
         if checkpoint is not None:
             load_dimred_state(manager, checkpoint)  # before attach: the optimizer gets the saved masks
         return manager

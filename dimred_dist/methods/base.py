@@ -66,6 +66,11 @@ class Method:
         """Whether :meth:`probe` must run before :meth:`initialize` (a fresh, not a resumed, run)."""
         return type(self).probe is not Method.probe and self.schedule.initial_density(self.recipe.density) < 1.0
 
+    @property
+    def probe_batches(self) -> int:
+        """How many probe batches :meth:`probe` uses (the integrations draw as many)."""
+        return int(getattr(self.config, "batches", 1))
+
     # ---- score hooks ---------------------------------------------------------------------
     def scores(self, view, ctx: MethodContext) -> torch.Tensor:
         """The criterion: active entries with the highest scores survive a pruning or drop step."""
@@ -80,12 +85,16 @@ class Method:
         return random_uint32(self.recipe.seed, step, view.name, view.start, view.end, salt=1)
 
     # ---- lifecycle hooks -----------------------------------------------------------------
+    def setup(self, ctx: MethodContext) -> None:
+        """Once, before anything else, in fresh and resumed runs alike: check the schedule against the
+        planned steps (a resumed run then loads its state instead of probing and initializing)."""
+        self.schedule.check(ctx.total_steps, self.recipe.density)
+
     def probe(self, ctx: MethodContext, prober) -> None:
         """Scoring passes before training (no optimizer step); the default needs none."""
 
     def initialize(self, ctx: MethodContext) -> None:
-        """Check the schedule, then select the initial active entries at its initial density."""
-        self.schedule.check(ctx.total_steps, self.recipe.density)
+        """Select the initial active entries at the schedule's initial density."""
         density = self.schedule.initial_density(self.recipe.density)
         if self.recipe.sparsity == 0.0 or density >= 1.0:
             return

@@ -113,8 +113,8 @@ def tensor_values(name: str, start: int, end: int) -> dict[str, torch.Tensor]:
 class TensorStateMethod(RandomPruning):
     """Random pruning plus tensor state over every trainable parameter (managed or not)."""
 
-    def initialize(self, ctx) -> None:
-        super().initialize(ctx)
+    def setup(self, ctx) -> None:
+        super().setup(ctx)
         self.ctx = ctx
         self.loaded: dict = {}
 

@@ -28,14 +28,25 @@ def main() -> None:
     p.add_argument("--zero-config", default=None, help="DeepSpeed JSON passed to TrainingArguments (deepspeed launcher)")
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--bf16", action="store_true")
+    p.add_argument("--recipe", default=None, help="a recipe as JSON (default: RigL at 80%%)")
     p.add_argument("--local_rank", type=int, default=-1)
     a = p.parse_args()
     model, ds = tiny_lm_and_data()
     args = training_arguments(a.out, a.steps, a.zero_config, report_to=[], bf16=a.bf16)
-    recipe = dimred_dist.load_recipe({"method": "rigl", "sparsity": 0.8, "args": {"update_interval": 2}})  # line 1
+    spec = json.loads(a.recipe) if a.recipe else {"method": "rigl", "sparsity": 0.8, "args": {"update_interval": 2}}
+    recipe = dimred_dist.load_recipe(spec)  # line 1
     callback = DimRedCallback(recipe)  # line 2
     trainer = Trainer(model=model, args=args, train_dataset=ds, callbacks=[callback],
                       optimizer_cls_and_kwargs=compact_optimizer(args))  # line 3
+    callback_initial = {}
+    orig_prepare = dimred_dist.DimRedManager.prepare
+
+    def prepare(self, **kw):  # the topology the manager starts from (before training moves it)
+        out = orig_prepare(self, **kw)
+        callback_initial.update({n: [v.start, v.end, self.state[n].keep.tolist()] for n, v in self.views.items()})
+        return out
+
+    dimred_dist.DimRedManager.prepare = prepare
     trainer.train()
 
     mgr = callback.manager
@@ -52,7 +63,9 @@ def main() -> None:
             full = param.detach().float().reshape(-1)[v.start : v.end].clone()
         pruned = full[~mgr.state[name].keep]
         max_pruned = max(max_pruned, float(pruned.abs().max()) if pruned.numel() else 0.0)
+    masks = {n: [v.start, v.end, mgr.state[n].keep.tolist()] for n, v in mgr.views.items()}
     result = {
+        "masks": masks, "initial_masks": callback_initial,
         "rank": dist.get_rank(), "world_size": dist.get_world_size(), "engine": type(engine).__name__,
         "zero_optimizer": type(zero).__name__, "inner_optimizer": inner, "zero_stage": stage,
         "manager_step": mgr.step, "global_step": trainer.state.global_step, "metrics": mgr.metrics(),

@@ -21,14 +21,52 @@ SCRIPT = REPO / "tests" / "integrations" / "hf_trainer_script.py"
 pytestmark = pytest.mark.distributed
 
 
-def _launch(launcher: str, stage: int, out: Path, port: int) -> subprocess.CompletedProcess:
+def _launch(launcher: str, stage: int, out: Path, port: int, *extra: str) -> subprocess.CompletedProcess:
     if launcher == "deepspeed":
         cmd = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(port), str(SCRIPT),
                "--out", str(out), "--zero-config", str(REPO / "configs" / "deepspeed" / f"zero{stage}.json")]
     else:
         cmd = [str(BIN / "accelerate"), "launch", "--config_file", str(REPO / "launch" / "accelerate" / f"zero{stage}.yaml"),
                "--main_process_port", str(port), str(SCRIPT), "--out", str(out)]
-    return run_launcher(cmd, port, timeout=240, WANDB_MODE="disabled")
+    return run_launcher(cmd + list(extra), port, timeout=240, WANDB_MODE="disabled")
+
+
+SNIP = {"method": "snip", "sparsity": 0.8, "distribution": "global", "seed": 5, "args": {"batches": 2}}
+
+
+@pytest.mark.parametrize("launcher,stage,port", [("deepspeed", 3, 29605), ("accelerate", 2, 29606)])
+def test_trainer_probes_snip_with_the_same_batches_on_every_rank(tmp_path, launcher, stage, port):
+    """The callback draws the probe batches from the Trainer's train set with the recipe's seed (the same on
+    every rank); the initial masks under ZeRO equal one process scoring those batches."""
+    import torch
+    from transformers import default_data_collator
+
+    import dimred_dist
+    from tests.integrations.tiny_lm import tiny_lm_and_data
+
+    proc = _launch(launcher, stage, tmp_path, port, "--recipe", json.dumps(SNIP))
+    results = [tmp_path / f"result_rank{r}.json" for r in (0, 1)]
+    assert all(p.is_file() for p in results), proc.stdout[-3000:] + proc.stderr[-3000:]
+    ranks = [json.loads(p.read_text()) for p in results]
+    model, ds = tiny_lm_and_data()
+    order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(SNIP["seed"]))[:4].tolist()
+    batches = [default_data_collator([ds[i] for i in order[k * 2 : (k + 1) * 2]]) for k in range(2)]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        ref = dimred_dist.DimRedManager(dimred_dist.load_recipe(SNIP), model)
+        ref.prepare(probe=dimred_dist.ProbeData(batches))
+    finally:
+        torch.set_num_threads(threads)
+    for name, ps in ref.state.params.items():
+        full = torch.zeros(ps.keep.numel(), dtype=torch.bool)
+        for r in ranks:
+            start, end, keep = r["initial_masks"][name]
+            full[start:end] = torch.tensor(keep, dtype=torch.bool)
+        assert torch.equal(full, ps.keep), f"{launcher} ZeRO-{stage}: the SNIP mask of {name} differs from one process"
+    for r in ranks:
+        assert r["manager_step"] == r["global_step"] == 6 and r["max_abs_pruned"] == 0.0
+        assert r["metrics"]["dimred/density"] == pytest.approx(0.2, abs=1e-3)
 
 
 @pytest.mark.parametrize(
