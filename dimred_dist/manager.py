@@ -356,10 +356,12 @@ class DimRedManager:
         must call it (it holds a collective); all ranks get the same values except the timing.
         """
         self._require_prepared()
-        return compute_metrics(
+        out = compute_metrics(
             self.ctx.state, list(self.ctx.views), self.ctx.coll, ever=self._ever, optimizer=self.optimizer,
             update_seconds=self.update_seconds, history=self.topology_history,
         )
+        out.update(self.method.metrics())
+        return out
 
     def check_agreement(self) -> None:
         """Raise if replicated parameters' topologies differ between ranks (one small all-reduce)."""

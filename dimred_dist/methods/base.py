@@ -181,6 +181,10 @@ class Method:
         ctx.reset_moments(fresh)
         return {"dimred/churn": ctx.churn(old, new), "dimred/drop_fraction": frac}
 
+    def metrics(self) -> dict[str, float]:
+        """The method's own flat metrics (``dimred/...``, the same on every rank), merged into the manager's."""
+        return {}
+
     # ---- persistence ---------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """Plain-data state of the method (JSON); the schedule needs only the manager's step."""

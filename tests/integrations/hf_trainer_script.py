@@ -65,7 +65,8 @@ def main() -> None:
         max_pruned = max(max_pruned, float(pruned.abs().max()) if pruned.numel() else 0.0)
     masks = {n: [v.start, v.end, mgr.state[n].keep.tolist()] for n, v in mgr.views.items()}
     result = {
-        "masks": masks, "initial_masks": callback_initial,
+        "masks": masks, "initial_masks": callback_initial, "history": mgr.topology_history,
+        "learning_rates": [h["learning_rate"] for h in trainer.state.log_history if "learning_rate" in h],
         "rank": dist.get_rank(), "world_size": dist.get_world_size(), "engine": type(engine).__name__,
         "zero_optimizer": type(zero).__name__, "inner_optimizer": inner, "zero_stage": stage,
         "manager_step": mgr.step, "global_step": trainer.state.global_step, "metrics": mgr.metrics(),

@@ -97,3 +97,23 @@ def test_trainer_runs_compact_optimizer_inside_zero(tmp_path, launcher, stage, p
 def _same_but_time(a: dict, b: dict) -> bool:
     keys = [k for k in a["metrics"] if k != "dimred/topology_update_seconds"]
     return all(a["metrics"][k] == b["metrics"][k] for k in keys)
+
+
+IMP = {"method": "imp", "sparsity": 0.75, "distribution": "uniform",
+       "schedule": {"kind": "imp", "rounds": 2, "round_steps": 2, "rewind_step": 0}}
+
+
+def test_trainer_runs_imp_rounds_inside_one_train_call(tmp_path):
+    """Two rounds of prune-and-rewind inside trainer.train() under ZeRO-2: the rounds run at their steps,
+    the density halves each round, and the LR schedule (linear decay) returns to step 0's at each round."""
+    proc = _launch("deepspeed", 2, tmp_path, 29607, "--recipe", json.dumps(IMP), "--steps", "6")
+    results = [tmp_path / f"result_rank{r}.json" for r in (0, 1)]
+    assert all(p.is_file() for p in results), proc.stdout[-3000:] + proc.stderr[-3000:]
+    for r in (json.loads(p.read_text()) for p in results):
+        assert [(h["step"], h["round"]) for h in r["history"]] == [(2.0, 1.0), (4.0, 2.0)]
+        assert [h["target_density"] for h in r["history"]] == pytest.approx([0.5, 0.25])
+        assert r["metrics"]["dimred/density"] == pytest.approx(0.25, abs=1e-3) and r["max_abs_pruned"] == 0.0
+        # logged every 2 steps, each the LR of the last step: step 1 is lr(1); steps 3 and 5, the first steps
+        # of rounds 1 and 2 (steps 2 and 4 apply nothing), are back at lr(0), the initial 1e-3
+        lrs = r["learning_rates"]
+        assert lrs == pytest.approx([1e-3 * 5 / 6, 1e-3, 1e-3])

@@ -1,0 +1,81 @@
+"""IMP under real DeepSpeed ZeRO-1/2/3 (2 CPU ranks, fp32 and bf16): rounds, rewinding, resuming.
+
+* after each round the surviving entries of every fp32 master (biases and other unmanaged
+  parameters included) equal the sharded snapshot of step k bit for bit, pruned entries are 0, and
+  the module weights hold the masters (rounded to their dtype);
+* a run saved in its second segment by 2 ranks under ZeRO-2 resumes under ZeRO-3: the snapshot is
+  resharded exactly, and the pending round prunes at the same step and rewinds to that snapshot.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.distributed import lottery_cases as cases
+from tests.zero_utils import assemble, launch_once, scenario
+
+pytestmark = pytest.mark.distributed
+
+
+@pytest.fixture(scope="module", params=["fp32", "bf16"])
+def results(request, tmp_path_factory):
+    path = tmp_path_factory.mktemp(f"imp_{request.param}")
+    return request.param, launch_once(("imp", request.param), cases.worker, request.param, str(path))
+
+
+def _full(ranks: list[dict], key: str, name: str) -> torch.Tensor:
+    return assemble([ranks[r][key][name] for r in range(len(ranks))], max(x[key][name][1] for x in ranks))
+
+
+def _full_at(ranks, t, name):
+    return assemble([r["after"][t][name] for r in ranks], max(x["after"][t][name][1] for x in ranks))
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_rounds_rewind_survivors_to_the_snapshot(results, stage):
+    precision, res = results
+    ranks = scenario(res, f"rounds{stage}")
+    r0 = ranks[0]
+    assert [(h["step"], h["round"]) for h in r0["history"]] == [(cases.L, 1.0), (2 * cases.L, 2.0)]
+    names = list(r0["snapshot"])
+    assert {"l1.bias", "l2.bias"} <= set(names)
+    counts = []
+    for t in (cases.L, 2 * cases.L):
+        for n in names:
+            snap = _full(ranks, "snapshot", n)
+            after = _full_at(ranks, t, n)
+            if n in r0["keep"][t]:
+                keep = assemble([(r["after"][t][n][0], r["after"][t][n][1], r["keep"][t][n]) for r in ranks],
+                                snap.numel())
+                assert torch.equal(after[keep], snap[keep]), f"ZeRO-{stage} step {t}: {n} survivors not rewound"
+                assert bool((after[~keep] == 0).all()), f"ZeRO-{stage} step {t}: {n} pruned entries not 0"
+                counts.append((int(keep.sum()), keep.numel()))
+            else:
+                assert torch.equal(after, snap), f"ZeRO-{stage} step {t}: {n} not rewound"
+            for rank, r in enumerate(ranks):
+                module = r["module"][t][n].reshape(-1)
+                assert torch.equal(module, after.to(module.dtype)), f"rank {rank}: module weight {n} != its master"
+    assert sum(k for k, _ in counts) > 0 and any(k < n for k, n in counts)
+    keep = r0["keep"][2 * cases.L]
+    kept = sum(sum(int(r["keep"][2 * cases.L][n].sum()) for r in ranks) for n in keep)
+    total = sum(sum(r["keep"][2 * cases.L][n].numel() for r in ranks) for n in keep)
+    assert abs(kept - 0.25 * total) <= len(keep), "(1 - p) ** R of the managed entries, up to one per layer"
+
+
+def test_resume_in_segment_two_under_another_stage(results):
+    precision, res = results
+    ranks = scenario(res, "resume")
+    assert ranks[0]["step_loaded"] == cases.L + 2
+    for n in ranks[0]["saved"]["snapshot"]:
+        pieces = [r["saved"]["snapshot"][n] for r in ranks]
+        saved = assemble(pieces, max(p[1] for p in pieces))
+        loaded = assemble([r["loaded"][n] for r in ranks], saved.numel())
+        assert torch.equal(loaded, saved), f"{n}: the snapshot did not reshard exactly (ZeRO-2 -> ZeRO-3)"
+        after = assemble([r["after"][n] for r in ranks], saved.numel())
+        if n in ranks[0]["keep"]:
+            keep = assemble([(r["after"][n][0], r["after"][n][1], r["keep"][n]) for r in ranks], saved.numel())
+            assert torch.equal(after[keep], saved[keep]) and bool((after[~keep] == 0).all()), n
+        else:
+            assert torch.equal(after, saved), n
+    assert [(h["step"], h["round"]) for h in ranks[0]["history"]] == [(2 * cases.L, 2.0)], "the pending round ran"
