@@ -7,6 +7,7 @@ DDP) and :class:`~dimred_dist.distributed.zero.ZeroAdapter` (DeepSpeed ZeRO 1/2/
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -29,6 +30,8 @@ class ShardAdapter(Protocol):
     """
 
     topology: Topology
+    #: Whether a probe may differentiate gradients again (GraSP by double backward).
+    supports_double_backward: bool
 
     @property
     def collectives(self) -> Collectives: ...
@@ -61,4 +64,25 @@ class ShardAdapter(Protocol):
 
     def weights_edited(self) -> None:
         """Propagate masters edited outside a step into every weight copy the framework keeps."""
+        ...
+
+    # ---- scoring passes outside a training step (dimred_dist.distributed.probe) ----------------
+    def probe_model(self, module: nn.Module) -> Any:
+        """What a probe's loss function calls (the module, or the DeepSpeed engine)."""
+        ...
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Backward so that the views then read this rank's reduced gradient, without an optimizer step."""
+        ...
+
+    def gradient_scope(self) -> contextlib.AbstractContextManager[float]:
+        """A context in which the views read those gradients; yields the loss scale to divide out."""
+        ...
+
+    def discard_gradients(self, module: nn.Module) -> None:
+        """Drop every gradient the probe's backward left, as if no step had been prepared."""
+        ...
+
+    def other_tensors(self, module: nn.Module) -> list[torch.Tensor]:
+        """This rank's floating tensors without an fp32 master (buffers, frozen parameters)."""
         ...

@@ -85,7 +85,7 @@ def resume(directory: str, precision: str) -> dict[str, Any]:
               for n, v in mgr3.ctx.trainable_views().items()}
     for t in range(mgr3.step, 2 * L + 1):
         _step(engine3, model3, t, precision)
-    return {"saved": saved, "loaded": loaded, "step_loaded": saved["step"], "after": _masters(mgr3),
+    return {"dir": directory, "saved": saved, "loaded": loaded, "step_loaded": saved["step"], "after": _masters(mgr3),
             "keep": {n: mgr3.state[n].keep.clone() for n in mgr3.views}, "history": mgr3.topology_history}
 
 
