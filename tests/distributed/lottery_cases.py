@@ -52,7 +52,19 @@ def rounds(stage: int, precision: str) -> dict[str, Any]:
     """Train through both rounds; the masters after step K, after each round-end step, and the masks."""
     model, engine, mgr = _engine(stage, precision)
     mgr.attach(engine)
-    out: dict[str, Any] = {"after": {}, "keep": {}, "module": {}}
+    out: dict[str, Any] = {"after": {}, "keep": {}, "module": {}, "updates": []}
+    orig_update = mgr.method.update
+
+    def update(ctx, step):  # the inputs and outputs of each round's pruning, for a one-process replay
+        before = {n: (v.start, v.end, v.weight().detach().clone(), ctx.state[n].keep.clone())
+                  for n, v in ctx.views.items()}
+        result = orig_update(ctx, step)
+        if result is not None:
+            out["updates"].append({"step": step, "before": before,
+                                   "after": {n: ctx.state[n].keep.clone() for n in ctx.views}})
+        return result
+
+    mgr.method.update = update
     for t in range(T):
         _step(engine, model, t, precision)
         if t == K - 1:
@@ -89,8 +101,29 @@ def resume(directory: str, precision: str) -> dict[str, Any]:
             "keep": {n: mgr3.state[n].keep.clone() for n in mgr3.views}, "history": mgr3.topology_history}
 
 
+def early_bird(stage: int, precision: str) -> dict[str, Any]:
+    """Early-bird under ZeRO with a zero learning rate: the weights never move, so the ticket is drawn at
+    the fifth draw (steps 0, 2, 4, 6, 8) and is the magnitude mask of the initial weights."""
+    from dimred_dist.distributed.zero import ZeroAdapter
+    from dimred_dist.optim import CompactAdamW
+
+    model = make_model(Net)
+    engine = build_engine(model, ds_config(stage, precision), CompactAdamW(model.parameters(), lr=0.0))
+    r = dd.load_recipe({"method": "early_bird", "sparsity": 0.7, "distribution": "global",
+                        "args": {"interval": 2, "window": 5, "threshold": 0.1}})
+    mgr = dd.DimRedManager(r, engine.module, adapter=ZeroAdapter(engine), total_steps=12).prepare()
+    mgr.attach(engine)
+    dens = []
+    for t in range(10):
+        _step(engine, model, t, precision)
+        dens.append(mgr.metrics()["dimred/density"])
+    return {"history": mgr.topology_history, "density": dens, "metrics": mgr.metrics(),
+            "keep": {n: (v.start, v.end, mgr.state[n].keep.clone()) for n, v in mgr.views.items()}}
+
+
 def worker(rank: int, world: int, precision: str, directory: str):
     init_deepspeed()
     cases = {f"rounds{s}": (lambda s=s: rounds(s, precision)) for s in (1, 2, 3)}
+    cases.update({f"early_bird{s}": (lambda s=s: early_bird(s, precision)) for s in (1, 2, 3)})
     cases["resume"] = lambda: resume(directory, precision)
     return run_scenarios(cases)

@@ -33,6 +33,56 @@ def _full_at(ranks, t, name):
 
 
 @pytest.mark.parametrize("stage", [1, 2, 3])
+def test_round_masks_match_one_process(results, stage):
+    """Each round's pruning, fed the full masters and masks the ranks held, gives the same masks in one
+    process, bit for bit."""
+    import dimred_dist as dd
+    from tests.zero_utils import ArrayView, Net, make_model
+
+    precision, res = results
+    ranks = scenario(res, f"rounds{stage}")
+    ref = dd.DimRedManager(cases.recipe(), make_model(Net), total_steps=cases.T).prepare()
+    assert [u["step"] for u in ranks[0]["updates"]] == [cases.L, 2 * cases.L]
+    for k, u0 in enumerate(ranks[0]["updates"]):
+        numel = {n: max(r["updates"][k]["before"][n][1] for r in ranks) for n in u0["before"]}
+        w = {n: assemble([r["updates"][k]["before"][n][:3] for r in ranks], numel[n]) for n in numel}
+        keep0 = {n: assemble([(*r["updates"][k]["before"][n][:2], r["updates"][k]["before"][n][3]) for r in ranks],
+                             numel[n]) for n in numel}
+        ref.ctx.views = {n: ArrayView(n, ref.views[n].shape, w[n].clone(), None) for n in w}
+        for n in w:
+            ref.state[n].keep.copy_(keep0[n])
+            ref.state[n].train.copy_(keep0[n])
+        ref.method.update(ref.ctx, u0["step"])
+        ref.ctx.take_requests()
+        for n in w:
+            got = assemble([(*r["updates"][k]["before"][n][:2], r["updates"][k]["after"][n]) for r in ranks], numel[n])
+            assert torch.equal(got, ref.state[n].keep), f"ZeRO-{stage} round {k + 1}: the mask of {n} differs"
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_early_bird_under_zero(results, stage):
+    import dimred_dist as dd
+    from tests.zero_utils import Net, make_model
+
+    precision, res = results
+    ranks = scenario(res, f"early_bird{stage}")
+    model = make_model(Net)
+    if precision != "fp32":  # the masters hold the bf16-rounded initial weights
+        with torch.no_grad():
+            for p in model.parameters():
+                p.copy_(p.to(torch.bfloat16).float())
+    ref = dd.DimRedManager(dd.load_recipe({"method": "magnitude", "sparsity": 0.7, "distribution": "global"}),
+                           model).prepare()
+    for r in ranks:
+        assert [h["step"] for h in r["history"]] == [8.0]
+        assert r["density"][:8] == [1.0] * 8 and r["density"][8] == pytest.approx(0.3, abs=0.01)
+        assert r["metrics"]["dimred/early_bird_drawn"] == 1.0
+    for n, ps in ref.state.params.items():
+        got = assemble([r["keep"][n] for r in ranks], ps.keep.numel())
+        assert torch.equal(got, ps.keep), f"ZeRO-{stage}: the ticket of {n} is not the magnitude mask"
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
 def test_rounds_rewind_survivors_to_the_snapshot(results, stage):
     precision, res = results
     ranks = scenario(res, f"rounds{stage}")
