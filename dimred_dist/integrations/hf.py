@@ -64,6 +64,10 @@ class DimRedCallback(TrainerCallback):
     in ``{output_dir}/dimred_plots/`` and logs them as images to the active W&B run, if any
     (needs matplotlib; without it the plots are skipped with a warning).
 
+    Every logging step adds the manager's metrics (see :mod:`dimred_dist.metrics`) to the logs the
+    reporters (W&B, TensorBoard) and ``trainer.state.log_history`` receive; the console line keeps
+    only :data:`CONSOLE_KEYS` of them (density, train fraction, churn, optimizer bytes) next to the loss.
+
     Every checkpoint the Trainer saves gets the dimred state in ``checkpoint-N/dimred/`` (see
     :mod:`dimred_dist.distributed.checkpoint`), and ``trainer.train(resume_from_checkpoint=...)``
     restores it from the checkpoint the Trainer resumes from, also at another world size or ZeRO
@@ -86,6 +90,7 @@ class DimRedCallback(TrainerCallback):
 
     def on_init_end(self, args, state, control, model=None, **kwargs):
         _move_to_front(self)
+        _before_console(ConsoleMetrics(), self)
         self._trainer = _find_on_stack(lambda obj: hasattr(obj, "accelerator") and hasattr(obj, "callback_handler"))
         self._resume = TrainerResume(self._trainer)
         if self.recipe.freeze:
@@ -184,6 +189,39 @@ class DimRedCallback(TrainerCallback):
         paths = save_plots(metrics, self.manager.topology_history, Path(args.output_dir) / "dimred_plots",
                            title=f"step {state.global_step}")
         log_images(paths, extra={"train/global_step": state.global_step})
+
+
+#: The dimred keys the console line keeps; the per-layer keys go to the reporters (W&B, TensorBoard) only.
+CONSOLE_KEYS = ("dimred/density", "dimred/fraction/train", "dimred/churn", "dimred/optimizer/state_bytes",
+                "dimred/optimizer/rank_state_bytes")
+
+
+class ConsoleMetrics(TrainerCallback):
+    """Placed just before the Trainer's progress / printer callback: drops from the logs it prints every
+    ``dimred/`` key but :data:`CONSOLE_KEYS`, so the loss stays readable. The reporters before it and
+    ``trainer.state.log_history`` keep them all."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs is not None:
+            for k in [k for k in logs if k.startswith("dimred/") and k not in CONSOLE_KEYS]:
+                del logs[k]
+
+
+_CONSOLE_CALLBACKS = ("ProgressCallback", "PrinterCallback", "NotebookProgressCallback")
+
+
+def _before_console(callback: TrainerCallback, owner: TrainerCallback) -> None:
+    """Insert ``callback`` before the Trainer's progress / printer callback (the console), if any, in the
+    callback list that holds ``owner``."""
+    handler = _find_on_stack(
+        lambda obj: isinstance(getattr(obj, "callbacks", None), list) and any(c is owner for c in obj.callbacks)
+    )
+    if handler is None or any(isinstance(c, ConsoleMetrics) for c in handler.callbacks):
+        return
+    for i, c in enumerate(handler.callbacks):
+        if type(c).__name__ in _CONSOLE_CALLBACKS:
+            handler.callbacks.insert(i, callback)
+            return
 
 
 def _find_on_stack(predicate) -> Any | None:
