@@ -31,9 +31,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-import yaml
-
-from dimred_dist.core.config import Recipe, build_dataclass, load_recipe, read_yaml_mapping
+from dimred_dist.core.config import Recipe, build_dataclass, load_recipe, load_yaml, read_yaml_mapping
 
 TASKS = ("causal-lm", "sequence-classification")
 FORMATS = ("text", "csv", "json")
@@ -326,4 +324,4 @@ def apply_override(data: dict[str, Any], item: str) -> None:
             raise TypeError(f"--set {item!r}: {p!r} is not a mapping")
         node = node[p]
     # Only true/false are booleans on the command line (YAML 1.1 would turn `no` into False).
-    node[parts[-1]] = raw if raw.strip().lower() in _YAML11_BOOLS else yaml.safe_load(raw)
+    node[parts[-1]] = raw if raw.strip().lower() in _YAML11_BOOLS else load_yaml(raw)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -176,8 +177,25 @@ def load_recipe(source: str | os.PathLike | dict) -> Recipe:
     return recipe_from_dict(read_yaml_mapping(path, "recipe"), where=path)
 
 
+class YamlLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that also reads ``1e-4`` as a number, as YAML 1.2 and Python do (YAML 1.1,
+    PyYAML's default, wants ``1.0e-4`` and reads ``1e-4`` as a string)."""
+
+
+YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def load_yaml(text: Any) -> Any:
+    """Parse YAML text or a stream with :class:`YamlLoader`."""
+    return yaml.load(text, Loader=YamlLoader)  # noqa: S506 (a SafeLoader subclass)
+
+
 def read_yaml_mapping(path: str, what: str) -> dict[str, Any]:
-    """The YAML mapping in ``path`` (``yaml.safe_load``); ``what`` names the file in errors.
+    """The YAML mapping in ``path`` (:func:`load_yaml`); ``what`` names the file in errors.
 
     Raises:
         FileNotFoundError: If there is no such file.
@@ -186,7 +204,7 @@ def read_yaml_mapping(path: str, what: str) -> dict[str, Any]:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{what} file not found: {path}")
     with open(path, encoding="utf-8") as f:
-        data = yaml.safe_load(f)
+        data = load_yaml(f)
     if not isinstance(data, dict):
         raise TypeError(f"{path}: a {what} must be a YAML mapping, got {type(data).__name__}")
     return data

@@ -186,3 +186,13 @@ def test_real_cli_rejects_before_writing(tmp_path, job):
     assert "sparsity must be in [0, 1)" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_exponent_numbers_read_as_numbers(tmp_path, job):
+    """``1e-4`` is a number on the command line and in YAML files (PyYAML's YAML 1.1 reads a string)."""
+    path = write_job(tmp_path, job)
+    loaded = load_job(str(path), ["training.learning_rate=1e-4", "training.weight_decay=2E-2"])
+    assert loaded.training["learning_rate"] == 1e-4 and loaded.training["weight_decay"] == 0.02
+    from dimred_dist.core.config import load_yaml
+
+    assert load_yaml("lr: 3e-5\nname: 1e4x\nn: 7") == {"lr": 3e-5, "name": "1e4x", "n": 7}
