@@ -173,9 +173,14 @@ class PeriodicSchedule(Schedule):
         drop_fraction: Fraction of each layer's active entries dropped at the first update (alpha).
             The count is truncated, ``int(drop_fraction * n_active)``, as in RigL's code.
         end_fraction: Updates stop after this fraction of the planned steps (T_end / T).
-        decay: ``cosine`` (RigL: the drop fraction decays to 0 at T_end) or ``constant`` (SET).
+        decay: ``cosine`` (RigL: the drop fraction decays to 0 at T_end), ``linear`` (SpIEL:
+            ``drop_fraction * (1 - t / T_end)``) or ``constant`` (SET).
         skip_step: No optimizer step on an update step (RigL's Algorithm 1 and code: the step's
             gradient only scores the growth). ``false`` lets the optimizer step as well.
+        offset: Updates happen at steps ``offset + k * interval`` (k >= 0, step 0 never); SpIEL
+            selects ``selection_accumulation_steps`` after each reselection period starts.
+        first_drop_fraction: The drop fraction of the first update instead of the decayed value
+            (SpIEL: 1.0, the random initial set is replaced by the gradient's choice); None: none.
     """
 
     kind: ClassVar[str] = "periodic"
@@ -185,14 +190,19 @@ class PeriodicSchedule(Schedule):
     end_fraction: float = 0.75
     decay: str = "cosine"
     skip_step: bool = True
+    offset: int = 0
+    first_drop_fraction: float | None = None
 
     def __post_init__(self) -> None:
         _check_int("schedule.interval", self.interval, 1)
         _check_fraction("schedule.drop_fraction", self.drop_fraction, closed=True)
         _check_fraction("schedule.end_fraction", self.end_fraction)
-        if self.decay not in ("cosine", "constant"):
-            raise ValueError(f"schedule.decay must be 'cosine' or 'constant', got {self.decay!r}")
+        if self.decay not in ("cosine", "linear", "constant"):
+            raise ValueError(f"schedule.decay must be 'cosine', 'linear' or 'constant', got {self.decay!r}")
         _check_bool("schedule.skip_step", self.skip_step)
+        _check_int("schedule.offset", self.offset, 0)
+        if self.first_drop_fraction is not None:
+            _check_fraction("schedule.first_drop_fraction", self.first_drop_fraction, closed=True)
 
     def check(self, total_steps: int, density: float) -> None:
         if total_steps < 1:
@@ -201,14 +211,29 @@ class PeriodicSchedule(Schedule):
     def _end(self, total_steps: int) -> int:
         return default_end_step(total_steps, self.end_fraction)
 
+    def first_update(self, total_steps: int) -> int | None:
+        """The first update step, or None if there is none before T_end."""
+        step = self.offset if self.offset > 0 else self.interval
+        return step if step < self._end(total_steps) else None
+
     def is_update_step(self, step: int, total_steps: int) -> bool:
-        return PeriodicUpdate(interval=self.interval, end=self._end(total_steps)).is_update_step(step)
+        if step < self.offset or step >= self._end(total_steps):
+            return False
+        shifted = PeriodicUpdate(interval=self.interval, start=0, end=self._end(total_steps) - self.offset)
+        if step == self.offset:
+            return step > 0
+        return shifted.is_update_step(step - self.offset)
 
     def drop(self, step: int, total_steps: int) -> float:
         """The drop fraction of the update before ``step``."""
+        if self.first_drop_fraction is not None and step == self.first_update(total_steps):
+            return self.first_drop_fraction
         if self.decay == "constant":
             return ConstantValue(value=self.drop_fraction)(step)
-        return CosineDecay(value=self.drop_fraction, end=self._end(total_steps))(step)
+        end = self._end(total_steps)
+        if self.decay == "linear":
+            return self.drop_fraction * max(0.0, 1.0 - step / end)
+        return CosineDecay(value=self.drop_fraction, end=end)(step)
 
 
 @dataclass(frozen=True, kw_only=True)

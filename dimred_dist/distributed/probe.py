@@ -33,7 +33,7 @@ from dimred_dist.core.logging import get_logger
 
 logger = get_logger(__name__)
 
-__all__ = ["ProbeData", "Prober", "default_loss"]
+__all__ = ["ProbeData", "Prober", "default_loss", "split_batch"]
 
 
 def default_loss(model: Any, batch: Any, *, temperature: float = 1.0) -> torch.Tensor:
@@ -288,6 +288,26 @@ def _eval_mode(model: nn.Module):
         yield
     finally:
         model.train(was)
+
+
+def split_batch(batch: Any) -> list[Any]:
+    """The samples of a batch, each a batch of one (tensors, or dicts / tuples / lists of tensors with
+    one leading batch dimension); per-sample scores (FISH) run on them."""
+    if torch.is_tensor(batch):
+        return [batch[i : i + 1] for i in range(batch.shape[0])]
+    if isinstance(batch, dict):
+        sizes = {v.shape[0] for v in batch.values() if torch.is_tensor(v) and v.dim() > 0}
+        if len(sizes) != 1:
+            raise ValueError(f"cannot split a batch whose tensors have leading sizes {sorted(sizes)}")
+        n = sizes.pop()
+        return [{k: (v[i : i + 1] if torch.is_tensor(v) and v.dim() > 0 else v) for k, v in batch.items()}
+                for i in range(n)]
+    if isinstance(batch, (tuple, list)):
+        parts = [split_batch(v) for v in batch]
+        if len({len(p) for p in parts}) != 1:
+            raise ValueError("cannot split a batch whose parts have different batch sizes")
+        return [type(batch)(p[i] for p in parts) for i in range(len(parts[0]))]
+    raise TypeError(f"cannot split a batch of type {type(batch).__name__} into samples")
 
 
 def _to_device(batch: Any, device: torch.device) -> Any:

@@ -84,6 +84,11 @@ class Method:
         """Inactive entries with the highest scores are regrown (default: uniformly at random, SET)."""
         return random_uint32(self.recipe.seed, step, view.name, view.start, view.end, salt=1)
 
+    def grow_candidates(self, view, ctx: MethodContext, step: int) -> torch.Tensor | None:
+        """Local mask limiting which non-surviving entries a :meth:`rewire` may regrow (None: any of them;
+        SpIEL: only the candidates whose gradients it accumulated)."""
+        return None
+
     # ---- lifecycle hooks -----------------------------------------------------------------
     def setup(self, ctx: MethodContext) -> None:
         """Once, before anything else, in fresh and resumed runs alike: check the schedule against the
@@ -167,11 +172,12 @@ class Method:
             {n: n_active[n] - n_drop[n] for n in ctx.views},
             eligible=old,
         )
-        grown = ctx.select(
-            {n: self.grow_scores(v, ctx, step) for n, v in ctx.views.items()},
-            n_drop,
-            eligible={n: ~m for n, m in survivors.items()},
-        )
+        eligible = {n: ~m for n, m in survivors.items()}
+        for n, v in ctx.views.items():
+            cand = self.grow_candidates(v, ctx, step)
+            if cand is not None:
+                eligible[n] &= cand
+        grown = ctx.select({n: self.grow_scores(v, ctx, step) for n, v in ctx.views.items()}, n_drop, eligible=eligible)
         new = {n: survivors[n] | grown[n] for n in ctx.views}
         fresh = {n: grown[n] & ~old[n] for n in ctx.views}
         if self.init_state is ElementState.PRUNE:

@@ -134,7 +134,8 @@ def test_yaml_round_trip(tmp_path):
     assert again.schedule.drop_fraction == 0.25 and again.schedule.decay == "constant"  # legacy args moved
     saved = yaml.safe_load(path.read_text())
     assert saved["schedule"] == {"kind": "periodic", "interval": 50, "drop_fraction": 0.25, "end_fraction": 0.75,
-                                 "decay": "constant", "skip_step": True}  # plain data, no python tags
+                                 "decay": "constant", "skip_step": True, "offset": 0,
+                                 "first_drop_fraction": None}  # plain data, no python tags
     assert saved["args"] == {"init": "random"}
 
 

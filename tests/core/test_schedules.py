@@ -159,3 +159,23 @@ def test_one_shot_and_periodic_schedules():
 def test_schedule_values_are_validated(data, err, match):
     with pytest.raises(err, match=match):
         schedule_from_dict(data)
+
+
+def test_periodic_offset_linear_decay_and_first_drop_fraction():
+    """SpIEL's schedule: updates at offset + k * interval, drop 1.0 first, then 0.2 * (1 - t / T_end)."""
+    from dimred_dist.core.schedules import schedule_from_dict
+
+    s = schedule_from_dict({"kind": "periodic", "interval": 20, "offset": 5, "drop_fraction": 0.2, "decay": "linear",
+                            "end_fraction": 1.0, "first_drop_fraction": 1.0})
+    assert [t for t in range(100) if s.is_update_step(t, 80)] == [5, 25, 45, 65]
+    assert [s.drop(t, 80) for t in (5, 25, 45, 65)] == pytest.approx([1.0, 0.2 * 55 / 80, 0.2 * 35 / 80, 0.2 * 15 / 80])
+    plain = schedule_from_dict({"kind": "periodic", "interval": 10, "end_fraction": 0.75})
+    assert [t for t in range(100) if plain.is_update_step(t, 80)] == [10, 20, 30, 40, 50], "offset 0: as before"
+    late = schedule_from_dict({"kind": "periodic", "interval": 10, "offset": 70, "end_fraction": 0.75})
+    assert not any(late.is_update_step(t, 80) for t in range(100)), "an offset past T_end: no update"
+    with pytest.raises(ValueError, match="schedule.decay must be 'cosine', 'linear' or 'constant'"):
+        schedule_from_dict({"kind": "periodic", "decay": "exp"})
+    with pytest.raises(ValueError, match="schedule.offset must be an integer >= 0"):
+        schedule_from_dict({"kind": "periodic", "offset": -1})
+    with pytest.raises(ValueError, match=r"schedule.first_drop_fraction must be in \[0, 1\]"):
+        schedule_from_dict({"kind": "periodic", "first_drop_fraction": 1.5})

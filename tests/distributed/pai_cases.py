@@ -33,6 +33,8 @@ METHODS: dict[str, dict[str, Any]] = {
     "synflow": {"rounds": 8, "precision": "model"},
     "iter_snip": {"batches": 2, "rounds": 4},
     "force": {"batches": 2, "rounds": 4},
+    "freezenet": {"batches": 2, "prune_fraction": 0.2},
+    "fish": {"batches": 2},
 }
 
 
@@ -60,7 +62,8 @@ def reference_model(precision: str) -> nn.Module:
 
 
 def _ranged(mgr) -> dict[str, tuple[int, int, torch.Tensor]]:
-    return {n: (v.start, v.end, mgr.state[n].keep.clone()) for n, v in mgr.views.items()}
+    """Each view's range and state codes (TRAIN 0, FREEZE 1, PRUNE 2: the freezing methods' masks too)."""
+    return {n: (v.start, v.end, mgr.state[n].codes()) for n, v in mgr.views.items()}
 
 
 def zero_case(stage: int, precision: str, method: str) -> dict[str, Any]:
@@ -82,7 +85,9 @@ def zero_case(stage: int, precision: str, method: str) -> dict[str, Any]:
             state = mgr.state_dict()
             w1 = full_module_params(engine)
             pieces = gather_objects(out["masks"])
-            full = {n: _full_keep([p[n] for p in pieces]) for n in mgr.views}
+            codes = {n: _full_keep([p[n] for p in pieces]) for n in mgr.views}
+            full = {n: c != 2 for n, c in codes.items()}
+            out["frozen"] = codes
             out["kept_unchanged"] = all(torch.equal(w1[n].reshape(-1)[full[n]], w0[n].reshape(-1)[full[n]])
                                         for n in full)
             out["pruned_zero"] = all(bool((w1[n].reshape(-1)[~full[n]] == 0).all()) for n in full)
@@ -93,13 +98,16 @@ def zero_case(stage: int, precision: str, method: str) -> dict[str, Any]:
         mgr.attach(engine)
         train(engine, model, 2, precision)
         finals.append(full_module_params(engine))
+    frozen = {n: c == 1 for n, c in out["frozen"].items()}
+    out["frozen_unchanged"] = all(torch.equal(finals[0][n].reshape(-1)[f], w0[n].reshape(-1)[f])
+                                  for n, f in frozen.items())
     out["train_equal"] = all(torch.equal(finals[0][n], finals[1][n]) for n in finals[0])
     return out
 
 
 def _full_keep(pieces: list[tuple[int, int, torch.Tensor]]) -> torch.Tensor:
     numel = max(e for _, e, _ in pieces)
-    full = torch.zeros(numel, dtype=torch.bool)
+    full = torch.zeros(numel, dtype=pieces[0][2].dtype)
     for s, e, k in pieces:
         full[s:e] = k
     return full
