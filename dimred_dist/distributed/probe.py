@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -295,7 +295,7 @@ def split_batch(batch: Any) -> list[Any]:
     one leading batch dimension); per-sample scores (FISH) run on them."""
     if torch.is_tensor(batch):
         return [batch[i : i + 1] for i in range(batch.shape[0])]
-    if isinstance(batch, dict):
+    if isinstance(batch, Mapping):  # dicts and HF BatchEncoding
         sizes = {v.shape[0] for v in batch.values() if torch.is_tensor(v) and v.dim() > 0}
         if len(sizes) != 1:
             raise ValueError(f"cannot split a batch whose tensors have leading sizes {sorted(sizes)}")

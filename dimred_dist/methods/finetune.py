@@ -19,11 +19,16 @@ training, 1.0 at the first update):
   regrown in one update keeps its value and moments, as in the reference code.
 
 The pretrained values of the TRAIN entries are kept compactly, 4 bytes per TRAIN entry of the rank
-(a frozen entry holds its own). Where this differs from the reference code: the reference seeds the
-moments of grown entries from the accumulated statistics with per-entry bias correction (its own
-``SftAdamW``); here they start at zero (any optimizer works), and weight decay, if any, decays
-towards 0 rather than towards the pretrained value (the shipped recipe trains without it). The
-optimizer steps on update steps (``skip_step: false``), as in the reference.
+(a frozen entry holds its own); an update and a checkpoint save build them over the whole local range
+for a moment (4 bytes per entry, freed afterwards), as the drop and grow scores do. A step whose
+gradients are not finite on some rank (an fp16 overflow, which DeepSpeed skips) adds nothing to the
+sums. With fp16 loss scaling the sums add scaled gradients (the scale may change inside a window).
+
+Where this differs from the reference code: the reference seeds the moments of grown entries from
+the accumulated statistics with per-entry bias correction (its own ``SftAdamW``); here they start at
+zero (any optimizer works), and weight decay, if any, decays towards 0 rather than towards the
+pretrained value (the shipped recipe trains without it). The optimizer steps on update steps
+(``skip_step: false``), as in the reference.
 """
 
 from __future__ import annotations
@@ -69,6 +74,12 @@ class SpIEL(Method):
         super().setup(ctx)
         if not self.schedule.regrows:
             raise ValueError(f"spiel swaps entries on a periodic schedule, not on a {self.schedule.kind!r} one")
+        a, first = self.config.accumulation_steps, self.schedule.first_update(ctx.total_steps)
+        if a > self.schedule.interval or (first is not None and a > first):
+            raise ValueError(
+                f"spiel: accumulation_steps {a} is longer than the schedule's interval {self.schedule.interval} or "
+                f"than the steps before its first update ({first}); the windows would be cut short"
+            )
         self.w0: dict[str, torch.Tensor] = {}  # pretrained values of the TRAIN entries, in index order
         self.cand: dict[str, torch.Tensor] = {}  # local indices of the growth candidates
         self.acc: dict[str, torch.Tensor] = {}  # their summed gradients
@@ -93,19 +104,27 @@ class SpIEL(Method):
     def observe(self, ctx: MethodContext, step: int) -> None:
         if self.recipe.sparsity == 0.0 or self._next_update(step, ctx.total_steps) is None:
             return
+        if not self._finite(ctx, step):
+            return  # an overflow step (fp16 loss scaling): DeepSpeed skips it, and so does the sum
         if not self.cand:  # the window's first step: fix the candidates
-            mags = {}
-            for n, v in ctx.views.items():
-                g = v.grad()
-                if g is None:
-                    raise RuntimeError(f"spiel needs the gradient of {n} at step {step}, but it has none")
-                mags[n] = g.detach().abs()
+            mags = {n: v.grad().detach().abs() for n, v in ctx.views.items()}
             counts = ctx.global_count({n: ctx.state[n].train for n in ctx.views})
             picked = ctx.select(mags, counts)
             self.cand = {n: m.nonzero().squeeze(1) for n, m in picked.items()}
             self.acc = {n: torch.zeros(len(i), dtype=torch.float32, device=i.device) for n, i in self.cand.items()}
         for n, v in ctx.views.items():
             self.acc[n] += v.grad().detach()[self.cand[n]].float()
+
+    @staticmethod
+    def _finite(ctx: MethodContext, step: int) -> bool:
+        """Whether every rank's gradients are finite (one small all-reduce, so all ranks agree)."""
+        bad = 0
+        for n, v in ctx.views.items():
+            g = v.grad()
+            if g is None:
+                raise RuntimeError(f"spiel needs the gradient of {n} at step {step}, but it has none")
+            bad += int((~torch.isfinite(g)).any())
+        return int(ctx.coll.all_reduce_sum(torch.tensor([bad], dtype=torch.int64))[0]) == 0
 
     # ---- the update ----------------------------------------------------------------------
     def scores(self, view: ShardView, ctx: MethodContext) -> torch.Tensor:

@@ -48,6 +48,13 @@ class FreezeNetConfig(ProbeConfig):
             raise ValueError(f"prune_fraction must be in [0, 1), got {p!r}")
 
 
+def _check_at_initialization(method) -> None:
+    s = method.schedule
+    if s.kind != "one_shot" or s.at_step != 0:
+        raise ValueError(f"{method.method_name} chooses its TRAIN entries once, before step 0; give it no schedule "
+                         f"(got a {s.kind!r} schedule {s.to_dict()})")
+
+
 @register_method("freezenet")
 class FreezeNet(SNIP):
     config_cls = FreezeNetConfig
@@ -55,6 +62,7 @@ class FreezeNet(SNIP):
 
     def setup(self, ctx: MethodContext) -> None:
         super().setup(ctx)
+        _check_at_initialization(self)
         if self.config.prune_fraction > self.recipe.sparsity:
             raise ValueError(
                 f"freezenet: prune_fraction {self.config.prune_fraction} is above the recipe's sparsity "
@@ -92,6 +100,10 @@ class FISH(_Probed):
     config_cls = FishConfig
     init_state = ElementState.FREEZE
     needs_data: ClassVar[bool] = True
+
+    def setup(self, ctx: MethodContext) -> None:
+        super().setup(ctx)
+        _check_at_initialization(self)
 
     def probe(self, ctx: MethodContext, prober) -> None:
         names = list(ctx.views)

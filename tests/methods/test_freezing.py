@@ -85,6 +85,10 @@ def test_split_batch_rejects_ragged_batches():
     from dimred_dist.distributed.probe import split_batch
 
     assert [s["a"].tolist() for s in split_batch({"a": torch.tensor([1, 2]), "k": 3})] == [[1], [2]]
+    from transformers import BatchEncoding
+
+    enc = BatchEncoding({"input_ids": torch.tensor([[1, 2], [3, 4]]), "labels": torch.tensor([0, 1])})
+    assert [s["input_ids"].tolist() for s in split_batch(enc)] == [[[1, 2]], [[3, 4]]]
     with pytest.raises(ValueError, match="leading sizes"):
         split_batch({"a": torch.zeros(2), "b": torch.zeros(3)})
 
@@ -189,3 +193,34 @@ def test_spiel_needs_a_periodic_schedule():
         DimRedManager(_recipe("spiel", 0.5, "uniform", {"kind": "one_shot"}), _linear(W0), total_steps=8).prepare()
     with pytest.raises(ValueError, match="accumulation_steps"):
         _recipe("spiel", accumulation_steps=0)
+
+
+def test_freezing_at_initialization_refuses_later_schedules():
+    for method in ("freezenet", "fish"):
+        with pytest.raises(ValueError, match=f"{method} chooses its TRAIN entries once, before step 0"):
+            DimRedManager(_recipe(method, schedule={"kind": "one_shot", "at_step": 3}), _linear(W_HAND),
+                          total_steps=8).prepare(probe=ProbeData([BATCH], _half_squared_error))
+
+
+def test_spiel_refuses_windows_longer_than_its_interval():
+    with pytest.raises(ValueError, match="accumulation_steps 5 is longer than the schedule's interval 4"):
+        DimRedManager(_recipe("spiel", 0.5, "uniform", SPIEL_SCHEDULE, accumulation_steps=5), _linear(W0),
+                      total_steps=8).prepare()
+
+
+def test_spiel_skips_a_non_finite_step_in_its_sums():
+    """An inf gradient inside a window (an fp16 overflow step) adds nothing to the sums; a finite one adds."""
+    model = _linear(W0)
+    mgr = _spiel_manager(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    mgr.attach(opt)
+    for t in range(2):
+        _spiel_step(mgr, model, opt, t)
+    m = mgr.method
+    assert m.cand["weight"].tolist() == [1, 2] and m.acc["weight"].tolist() == [-5.0, 3.0], "g1 at the candidates"
+    model.weight.grad = torch.tensor([[9.0, float("inf")], [-4.0, 0.0]])
+    m.observe(mgr.ctx, 2)
+    assert m.acc["weight"].tolist() == [-5.0, 3.0]
+    model.weight.grad = torch.tensor([[9.0, 1.0], [-4.0, 0.0]])
+    m.observe(mgr.ctx, 2)
+    assert m.acc["weight"].tolist() == [-4.0, -1.0]
