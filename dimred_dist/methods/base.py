@@ -152,19 +152,25 @@ class Method:
         ctx.apply(keep, self.init_state)
         return {"dimred/churn": ctx.churn(old, keep), "dimred/target_density": float(density)}
 
+    def drop_counts(self, ctx: MethodContext, step: int, n_active: dict[str, int]) -> tuple[float, dict[str, int]]:
+        """The drop fraction of the update before ``step`` and each layer's drop count: the schedule's
+        fraction, ``int(fraction * n_active)`` (truncated, as in RigL's code)."""
+        frac = self.schedule.drop(step, ctx.total_steps)
+        return frac, {n: int(frac * c) for n, c in n_active.items()}
+
     @torch.no_grad()
     def rewire(self, ctx: MethodContext, step: int) -> dict[str, float] | None:
-        """Drop ``int(drop_fraction * n_active)`` of each layer's active entries with the lowest
-        :meth:`scores`, regrow as many of the other entries with the highest :meth:`grow_scores`.
+        """Drop :meth:`drop_counts` of each layer's active entries with the lowest :meth:`scores`
+        (``int(drop_fraction * n_active)``), regrow as many of the other entries with the highest
+        :meth:`grow_scores`.
 
         As in RigL's code, an entry dropped in this update competes for regrowth and, if regrown,
         is not a new connection: it keeps its value and moments. A new connection (inactive before)
         starts at 0 when pruning (at its frozen value when freezing) with zero optimizer moments.
         """
-        frac = self.schedule.drop(step, ctx.total_steps)
         old = ctx.active_masks(self.init_state)
         n_active = ctx.global_count(old)
-        n_drop = {n: int(frac * n_active[n]) for n in ctx.views}
+        frac, n_drop = self.drop_counts(ctx, step, n_active)
         if not any(n_drop.values()):
             return None
         survivors = ctx.select(

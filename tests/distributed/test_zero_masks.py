@@ -34,7 +34,7 @@ from tests.zero_utils import ArrayView, Net, assemble, assemble_named, batch, lo
 
 pytestmark = pytest.mark.distributed
 
-DYNAMIC = ["rigl", "set"]
+DYNAMIC = ["rigl", "set", "granet"]
 
 
 def _full_masks(ranks: list[dict], key: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -53,6 +53,10 @@ def _full_update(ranks: list[dict], k: int, phase: str, field: str) -> dict[str,
         n: assemble([(*r["ranges"][n], r["updates"][k][phase][n][field]) for r in ranks], r0["numels"][n])
         for n in r0["ranges"]
     }
+
+
+def ref_density(keep: dict[str, torch.Tensor]) -> float:
+    return sum(int(k.sum()) for k in keep.values()) / sum(k.numel() for k in keep.values())
 
 
 def _reference_masks(recipe, model, total_steps: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -115,6 +119,8 @@ def test_dynamic_updates_match_single_process(stage, precision, method):
         assert all(t.dtype == torch.float32 for t in w.values()), "methods score the fp32 master"
         if method == "rigl":
             assert any(bool((g[n][~keep0[n]] != 0).any()) for n in g), "RigL must see dense gradients of pruned entries"
+        if method == "granet":
+            assert ref_density(keep0) > ref_density(_full_update(ranks, k, "after", "keep")), "GraNet prunes"
         ref.ctx.views = {n: ArrayView(n, r0["shapes"][n], w[n].clone(), g[n].clone()) for n in w}
         ref.ctx.take_requests()
         for n in w:

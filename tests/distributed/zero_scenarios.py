@@ -49,7 +49,15 @@ T_BYTES = 5
 # ---- recipes (shared with the single-process references) -----------------------------------
 def dynamic_recipe(method: str) -> Recipe:
     """RigL: ERK at 80% (the 1-element layer and the biases stay dense). SET: uniform at 60%, so the
-    small ZeRO-3-persistent parameters (``tiny.weight``, ``l2.bias``) are pruned and rewired too."""
+    small ZeRO-3-persistent parameters (``tiny.weight``, ``l2.bias``) are pruned and rewired too.
+    GraNet: sparse-to-sparse from a random 50% to 70% along the cubic schedule (global magnitude
+    pruning and per-layer regrowth before steps 2, 4 and 6)."""
+    if method == "granet":
+        return dimred_dist.load_recipe({
+            "method": "granet", "sparsity": 0.7, "distribution": "global", "seed": 3, "targets": {"biases": True},
+            "schedule": {"kind": "cubic", "interval": 2, "end_fraction": 0.6, "initial_sparsity": 0.5},
+            "args": {"regrow_end_fraction": 0.6},
+        })
     rigl = method == "rigl"
     return dimred_dist.load_recipe({
         "method": method, "sparsity": 0.8 if rigl else 0.6, "distribution": "erk" if rigl else "uniform", "seed": 3,
@@ -273,6 +281,7 @@ def suite_worker(rank: int, world_size: int, stage: int, precision: str):
     return run_scenarios({
         "rigl": lambda: dynamic(stage, precision, "rigl"),
         "set": lambda: dynamic(stage, precision, "set"),
+        "granet": lambda: dynamic(stage, precision, "granet"),
         "freeze": lambda: freeze(stage, precision),
         "adamw": lambda: adamw(stage, precision),
         "bytes": lambda: state_bytes(stage, precision),
