@@ -68,7 +68,7 @@ def worker(spec: dict) -> dict:
     import dimred_dist as dd
     from dimred_dist.cli.data import load_raw, sequence_classification
     from dimred_dist.cli.job import DataConfig, ModelConfig
-    from dimred_dist.cli.train import accuracy, build_model, load_tokenizer
+    from dimred_dist.cli.train import accuracy, build_model, entry_counts, load_tokenizer
     from dimred_dist.integrations.hf import DimRedCallback, compact_optimizer
 
     torch.manual_seed(spec["seed"])
@@ -108,11 +108,7 @@ def worker(spec: dict) -> dict:
     opt = trainer.optimizer
     inner = getattr(opt, "optimizer", opt)
     if callbacks:
-        mgr = callbacks[0].manager
-        counts = mgr.global_counts()
-        managed_train = sum(int(c[0]) for c in counts.values())
-        trainable = managed_train + sum(p.numel() for n, p in model.named_parameters()
-                                        if p.requires_grad and n not in counts)
+        trainable = entry_counts(model, callbacks[0].manager)["trainable_entries"]
         opt_bytes = int(inner.state_bytes())
     else:
         opt_bytes = sum(t.numel() * t.element_size() for st in inner.state.values() for t in st.values()

@@ -220,11 +220,11 @@ def summarize(trainer: Any, callback: Any, job: JobConfig, plan: RunPlan, *, job
         # ZeRO-3 leaves each module parameter empty outside a gather; ds_numel is its full size.
         "trainable_parameters": sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad),
         "global_step": trainer.state.global_step, "manager_step": mgr.step, "metrics": mgr.metrics(),
-        "max_abs_pruned": max_pruned, **_entry_counts(model, mgr),
+        "max_abs_pruned": max_pruned, **entry_counts(model, mgr),
     }
 
 
-def _entry_counts(model: Any, mgr: Any) -> dict[str, int]:
+def entry_counts(model: Any, mgr: Any) -> dict[str, int]:
     """``model_entries``: every entry of the model; ``trainable_entries``: the TRAIN entries of the managed
     tensors plus every entry of the trainable tensors it does not manage (collective)."""
     from dimred_dist.core.state import ElementState

@@ -213,15 +213,20 @@ _CONSOLE_CALLBACKS = ("ProgressCallback", "PrinterCallback", "NotebookProgressCa
 def _before_console(callback: TrainerCallback, owner: TrainerCallback) -> None:
     """Insert ``callback`` before the Trainer's progress / printer callback (the console), if any, in the
     callback list that holds ``owner``."""
-    handler = _find_on_stack(
-        lambda obj: isinstance(getattr(obj, "callbacks", None), list) and any(c is owner for c in obj.callbacks)
-    )
+    handler = _handler_of(owner)
     if handler is None or any(isinstance(c, ConsoleMetrics) for c in handler.callbacks):
         return
     for i, c in enumerate(handler.callbacks):
         if type(c).__name__ in _CONSOLE_CALLBACKS:
             handler.callbacks.insert(i, callback)
             return
+
+
+def _handler_of(callback: TrainerCallback) -> Any | None:
+    """The Trainer's callback handler whose list holds ``callback`` (found on the stack), or None."""
+    return _find_on_stack(
+        lambda obj: isinstance(getattr(obj, "callbacks", None), list) and any(c is callback for c in obj.callbacks)
+    )
 
 
 def _find_on_stack(predicate) -> Any | None:
@@ -242,9 +247,7 @@ def _find_on_stack(predicate) -> Any | None:
 def _move_to_front(callback: TrainerCallback) -> None:
     """Put ``callback`` first among the Trainer's callbacks, so ``on_log`` adds the metrics before the
     reporting callbacks (W&B, TensorBoard, ...) read the logs; the Trainer adds its defaults first."""
-    handler = _find_on_stack(
-        lambda obj: isinstance(getattr(obj, "callbacks", None), list) and any(c is callback for c in obj.callbacks)
-    )
+    handler = _handler_of(callback)
     if handler is None:
         logger.warning("dimred: could not reorder the Trainer callbacks; reporters may log before the dimred metrics")
         return

@@ -95,6 +95,12 @@ class Method:
         planned steps (a resumed run then loads its state instead of probing and initializing)."""
         self.schedule.check(ctx.total_steps, self.recipe.density)
 
+    def require_no_schedule(self, message: str) -> None:
+        """Raise ``ValueError(message)`` unless the schedule is the default ``one_shot`` at step 0 (methods
+        that choose their own step, or choose once before training)."""
+        if self.schedule.kind != "one_shot" or self.schedule.at_step != 0:
+            raise ValueError(message)
+
     def probe(self, ctx: MethodContext, prober) -> None:
         """Scoring passes before training (no optimizer step); the default needs none."""
 

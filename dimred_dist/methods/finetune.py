@@ -130,15 +130,18 @@ class SpIEL(Method):
     def scores(self, view: ShardView, ctx: MethodContext) -> torch.Tensor:
         return (view.weight().detach().float() - self._w0_full[view.name]).abs()
 
+    def _at_candidates(self, view: ShardView, values: torch.Tensor) -> torch.Tensor:
+        """``values`` (one per candidate) over the view's local range, zero (False) elsewhere."""
+        out = torch.zeros(view.local_numel, dtype=values.dtype, device=values.device)
+        out[self.cand[view.name]] = values
+        return out
+
     def grow_candidates(self, view: ShardView, ctx: MethodContext, step: int) -> torch.Tensor:
-        mask = torch.zeros(view.local_numel, dtype=torch.bool, device=self.cand[view.name].device)
-        mask[self.cand[view.name]] = True
-        return mask
+        idx = self.cand[view.name]
+        return self._at_candidates(view, torch.ones(len(idx), dtype=torch.bool, device=idx.device))
 
     def grow_scores(self, view: ShardView, ctx: MethodContext, step: int) -> torch.Tensor:
-        out = torch.zeros(view.local_numel, dtype=torch.float32, device=self.acc[view.name].device)
-        out[self.cand[view.name]] = self.acc[view.name].abs()
-        return out
+        return self._at_candidates(view, self.acc[view.name].abs())
 
     @torch.no_grad()
     def rewire(self, ctx: MethodContext, step: int) -> dict[str, float] | None:
@@ -172,11 +175,7 @@ class SpIEL(Method):
         out = {"w0": {n: self._pretrained(n, v, ctx.state[n].train) for n, v in ctx.views.items()}}
         if self.cand:
             out["candidate"] = {n: self.grow_candidates(v, ctx, -1) for n, v in ctx.views.items()}
-            sums = {}
-            for n, v in ctx.views.items():
-                sums[n] = torch.zeros(v.local_numel, dtype=torch.float32, device=self.acc[n].device)
-                sums[n][self.cand[n]] = self.acc[n]
-            out["grad_sum"] = sums
+            out["grad_sum"] = {n: self._at_candidates(v, self.acc[n]) for n, v in ctx.views.items()}
         return out
 
     def load_tensor_state(self, tensors: dict[str, dict[str, torch.Tensor]]) -> None:

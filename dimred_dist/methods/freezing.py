@@ -49,10 +49,8 @@ class FreezeNetConfig(ProbeConfig):
 
 
 def _check_at_initialization(method) -> None:
-    s = method.schedule
-    if s.kind != "one_shot" or s.at_step != 0:
-        raise ValueError(f"{method.method_name} chooses its TRAIN entries once, before step 0; give it no schedule "
-                         f"(got a {s.kind!r} schedule {s.to_dict()})")
+    method.require_no_schedule(f"{method.method_name} chooses its TRAIN entries once, before step 0; give it no "
+                               f"schedule (got {method.schedule.to_dict()})")
 
 
 @register_method("freezenet")

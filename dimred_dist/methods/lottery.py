@@ -66,8 +66,7 @@ class EarlyBird(MagnitudePruning):
 
     def setup(self, ctx: MethodContext) -> None:
         super().setup(ctx)
-        if self.schedule.kind != "one_shot" or self.schedule.at_step != 0:
-            raise ValueError("early_bird chooses its own step; give it no schedule")
+        self.require_no_schedule("early_bird chooses its own step; give it no schedule")
         self.masks: list[dict[str, torch.Tensor]] = []  # the remembered draws, oldest first
         self.distances: list[float] = []
         self.drawn_at = -1

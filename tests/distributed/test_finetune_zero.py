@@ -30,16 +30,17 @@ def _full(ranks: list[dict], get) -> dict[str, torch.Tensor]:
     return {n: assemble([get(r)[n] for r in ranks], numel[n]) for n in names}
 
 
-def _reference():
-    return dd.DimRedManager(cases.recipe(), make_model(Net), total_steps=cases.T).prepare()
+def _ranks_and_reference(results, stage: int, key: str, steps: list[int]):
+    """The ranks' records of ZeRO-``stage`` (their ``key`` events at ``steps``) and a one-process manager."""
+    precision, res = results
+    ranks = scenario(res, f"spiel{stage}")
+    assert [w["step"] for w in ranks[0][key]] == steps
+    return precision, ranks, dd.DimRedManager(cases.recipe(), make_model(Net), total_steps=cases.T).prepare()
 
 
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_candidates_are_the_top_gradients_of_the_window(results, stage):
-    precision, res = results
-    ranks = scenario(res, f"spiel{stage}")
-    assert [w["step"] for w in ranks[0]["windows"]] == [1, 5, 9]
-    ref = _reference()
+    precision, ranks, ref = _ranks_and_reference(results, stage, "windows", [1, 5, 9])
     for k in range(3):
         grad = _full(ranks, lambda r: r["windows"][k]["grad"])
         train = _full(ranks, lambda r: r["windows"][k]["train"])
@@ -52,10 +53,7 @@ def test_candidates_are_the_top_gradients_of_the_window(results, stage):
 
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_updates_match_one_process(results, stage):
-    precision, res = results
-    ranks = scenario(res, f"spiel{stage}")
-    assert [u["step"] for u in ranks[0]["updates"]] == [2, 6, 10]
-    ref = _reference()
+    precision, ranks, ref = _ranks_and_reference(results, stage, "updates", [2, 6, 10])
     m = ref.method
     for k, u0 in enumerate(ranks[0]["updates"]):
         b = {key: _full(ranks, lambda r, key=key: r["updates"][k]["before"][key]) for key in u0["before"]}

@@ -121,6 +121,17 @@ def _spiel_step(mgr, model, opt, t):
     opt.zero_grad()
 
 
+def _spiel_run(steps: int, opt_cls=torch.optim.SGD, **opt_args):
+    """A SpIEL manager on W0 attached to ``opt_cls`` at lr 0, after ``steps`` hand-fed steps."""
+    model = _linear(W0)
+    mgr = _spiel_manager(model)
+    opt = opt_cls(model.parameters(), lr=0.0, **opt_args)
+    mgr.attach(opt)
+    for t in range(steps):
+        _spiel_step(mgr, model, opt, t)
+    return model, mgr, opt
+
+
 def test_spiel_hand_worked():
     """Update at step 2 (drop fraction 1): both TRAIN entries go, the two candidates by |g1 + g2| = [4, 1]
     come. Steps 2-5 move them by -0.1 g: [0, 1] to 1.9 (moved 0.1), [1, 0] to 3.4 (moved 0.4). Update at
@@ -149,12 +160,7 @@ def test_spiel_hand_worked():
 def test_spiel_resumes_inside_an_accumulation_window():
     """State saved after step 5 (candidates and sums held) and loaded into a fresh manager: step 6 gives
     the same masks and weights as the uninterrupted run."""
-    model = _linear(W0)
-    mgr = _spiel_manager(model)
-    opt = torch.optim.SGD(model.parameters(), lr=0.0)
-    mgr.attach(opt)
-    for t in range(6):
-        _spiel_step(mgr, model, opt, t)
+    model, mgr, opt = _spiel_run(6)
     sd = mgr.state_dict()
     assert set(sd["tensors"]) == {"w0", "candidate", "grad_sum"}
     assert sd["tensors"]["w0"]["weight"].tolist() == [1.0, 2.0, 3.0, 4.0], "w0 over the full range"
@@ -174,12 +180,7 @@ def test_spiel_resumes_inside_an_accumulation_window():
 def test_spiel_resets_the_moments_of_grown_entries():
     """With AdamW, an entry grown at step 6 starts with zero moments: a stale moment planted at [0, 0]
     before the update is gone, and step 6 leaves (1 - beta1) * g6 there."""
-    model = _linear(W0)
-    mgr = _spiel_manager(model)
-    opt = torch.optim.AdamW(model.parameters(), lr=0.0, weight_decay=0.0)
-    mgr.attach(opt)
-    for t in range(6):
-        _spiel_step(mgr, model, opt, t)
+    model, mgr, opt = _spiel_run(6, torch.optim.AdamW, weight_decay=0.0)
     opt.state[model.weight]["exp_avg"][0, 0] = 5.0
     opt.state[model.weight]["exp_avg_sq"][0, 0] = 5.0
     _spiel_step(mgr, model, opt, 6)
@@ -210,12 +211,7 @@ def test_spiel_refuses_windows_longer_than_its_interval():
 
 def test_spiel_skips_a_non_finite_step_in_its_sums():
     """An inf gradient inside a window (an fp16 overflow step) adds nothing to the sums; a finite one adds."""
-    model = _linear(W0)
-    mgr = _spiel_manager(model)
-    opt = torch.optim.SGD(model.parameters(), lr=0.0)
-    mgr.attach(opt)
-    for t in range(2):
-        _spiel_step(mgr, model, opt, t)
+    model, mgr, opt = _spiel_run(2)
     m = mgr.method
     assert m.cand["weight"].tolist() == [1, 2] and m.acc["weight"].tolist() == [-5.0, 3.0], "g1 at the candidates"
     model.weight.grad = torch.tensor([[9.0, float("inf")], [-4.0, 0.0]])
