@@ -49,6 +49,9 @@ class Method:
     default_schedule: ClassVar[dict[str, Any]] = {"kind": "one_shot"}
     #: True if :meth:`probe` needs data batches (not only a synthetic input).
     needs_data: ClassVar[bool] = False
+    #: True for sparse fine-tuning of a pretrained model (its frozen entries mean pretrained values): the
+    #: job refuses a model built at random from a config.
+    needs_pretrained: ClassVar[bool] = False
 
     def __init__(self, recipe: Recipe) -> None:
         self.recipe = recipe
@@ -83,6 +86,12 @@ class Method:
     def grow_scores(self, view, ctx: MethodContext, step: int) -> torch.Tensor:
         """Inactive entries with the highest scores are regrown (default: uniformly at random, SET)."""
         return random_uint32(self.recipe.seed, step, view.name, view.start, view.end, salt=1)
+
+    def grow_counts(self, ctx: MethodContext, step: int, n_active: dict[str, int], n_drop: dict[str, int],
+                    survivors: dict[str, torch.Tensor]) -> dict[str, int]:
+        """How many entries each layer regrows in a :meth:`rewire` (default: as many as it dropped; SNFS
+        redistributes the total across layers)."""
+        return n_drop
 
     def grow_candidates(self, view, ctx: MethodContext, step: int) -> torch.Tensor | None:
         """Local mask limiting which non-surviving entries a :meth:`rewire` may regrow (None: any of them;
@@ -167,8 +176,8 @@ class Method:
     @torch.no_grad()
     def rewire(self, ctx: MethodContext, step: int) -> dict[str, float] | None:
         """Drop :meth:`drop_counts` of each layer's active entries with the lowest :meth:`scores`
-        (``int(drop_fraction * n_active)``), regrow as many of the other entries with the highest
-        :meth:`grow_scores`.
+        (``int(drop_fraction * n_active)``), regrow :meth:`grow_counts` (as many) of the other entries
+        with the highest :meth:`grow_scores`.
 
         As in RigL's code, an entry dropped in this update competes for regrowth and, if regrown,
         is not a new connection: it keeps its value and moments. A new connection (inactive before)
@@ -189,7 +198,8 @@ class Method:
             cand = self.grow_candidates(v, ctx, step)
             if cand is not None:
                 eligible[n] &= cand
-        grown = ctx.select({n: self.grow_scores(v, ctx, step) for n, v in ctx.views.items()}, n_drop, eligible=eligible)
+        n_grow = self.grow_counts(ctx, step, n_active, n_drop, survivors)
+        grown = ctx.select({n: self.grow_scores(v, ctx, step) for n, v in ctx.views.items()}, n_grow, eligible=eligible)
         new = {n: survivors[n] | grown[n] for n in ctx.views}
         fresh = {n: grown[n] & ~old[n] for n in ctx.views}
         if self.init_state is ElementState.PRUNE:

@@ -107,6 +107,17 @@ class MethodContext:
         total = sum(v.numel for v in self.views.values())
         return int(self.coll.all_reduce_sum(changed)) / max(total, 1)
 
+    def grads_finite(self, step: int, who: str) -> bool:
+        """Whether every rank's gradients of the managed views are finite (one small all-reduce, so all
+        ranks agree): a method that accumulates gradients skips a step DeepSpeed skips (fp16 overflow)."""
+        bad = 0
+        for n, v in self.views.items():
+            g = v.grad()
+            if g is None:
+                raise RuntimeError(f"{who} needs the gradient of {n} at step {step}, but it has none")
+            bad += int((~torch.isfinite(g)).any())
+        return int(self.coll.all_reduce_sum(torch.tensor([bad], dtype=torch.int64))[0]) == 0
+
     # ---- the topology --------------------------------------------------------------------
     def active_masks(self, inactive: ElementState) -> dict[str, torch.Tensor]:
         """Copies of the masks a method moves entries out of: ``keep`` when entries leave to PRUNE,

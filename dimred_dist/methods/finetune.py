@@ -63,6 +63,7 @@ class SpIELConfig(MethodConfig):
 
 @register_method("spiel")
 class SpIEL(Method):
+    needs_pretrained = True
     config_cls = SpIELConfig
     init_state = ElementState.FREEZE
     default_schedule: ClassVar[dict[str, Any]] = {
@@ -104,7 +105,7 @@ class SpIEL(Method):
     def observe(self, ctx: MethodContext, step: int) -> None:
         if self.recipe.sparsity == 0.0 or self._next_update(step, ctx.total_steps) is None:
             return
-        if not self._finite(ctx, step):
+        if not ctx.grads_finite(step, "spiel"):
             return  # an overflow step (fp16 loss scaling): DeepSpeed skips it, and so does the sum
         if not self.cand:  # the window's first step: fix the candidates
             mags = {n: v.grad().detach().abs() for n, v in ctx.views.items()}
@@ -114,17 +115,6 @@ class SpIEL(Method):
             self.acc = {n: torch.zeros(len(i), dtype=torch.float32, device=i.device) for n, i in self.cand.items()}
         for n, v in ctx.views.items():
             self.acc[n] += v.grad().detach()[self.cand[n]].float()
-
-    @staticmethod
-    def _finite(ctx: MethodContext, step: int) -> bool:
-        """Whether every rank's gradients are finite (one small all-reduce, so all ranks agree)."""
-        bad = 0
-        for n, v in ctx.views.items():
-            g = v.grad()
-            if g is None:
-                raise RuntimeError(f"spiel needs the gradient of {n} at step {step}, but it has none")
-            bad += int((~torch.isfinite(g)).any())
-        return int(ctx.coll.all_reduce_sum(torch.tensor([bad], dtype=torch.int64))[0]) == 0
 
     # ---- the update ----------------------------------------------------------------------
     def scores(self, view: ShardView, ctx: MethodContext) -> torch.Tensor:

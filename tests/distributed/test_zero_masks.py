@@ -34,7 +34,7 @@ from tests.zero_utils import ArrayView, Net, assemble, assemble_named, batch, lo
 
 pytestmark = pytest.mark.distributed
 
-DYNAMIC = ["rigl", "set", "granet"]
+DYNAMIC = ["rigl", "set", "granet", "snfs", "mest"]
 
 
 def _full_masks(ranks: list[dict], key: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -53,6 +53,17 @@ def _full_update(ranks: list[dict], k: int, phase: str, field: str) -> dict[str,
         n: assemble([(*r["ranges"][n], r["updates"][k][phase][n][field]) for r in ranks], r0["numels"][n])
         for n in r0["ranges"]
     }
+
+
+def _ema(ranks: list[dict], step: int, beta: float) -> dict[str, torch.Tensor]:
+    """m <- beta * m + g over the reassembled gradients of steps 0 .. step (one process, fp32)."""
+    r0 = ranks[0]
+    out = {n: torch.zeros(r0["numels"][n]) for n in r0["ranges"]}
+    for t in range(step + 1):
+        for n in out:
+            g = assemble([(*r["ranges"][n], r["observed"][t][n]) for r in ranks], r0["numels"][n])
+            out[n].mul_(beta).add_(g)
+    return out
 
 
 def ref_density(keep: dict[str, torch.Tensor]) -> float:
@@ -111,7 +122,7 @@ def test_dynamic_updates_match_single_process(stage, precision, method):
     assert r0["managed_all"]
 
     ref = DimRedManager(dynamic_recipe(method), make_model(Net), total_steps=T_DYN).prepare()
-    changed = 0
+    changed = moved = 0
     for k, step in enumerate(steps):
         w = _full_update(ranks, k, "before", "w")
         g = _full_update(ranks, k, "before", "g")
@@ -121,6 +132,11 @@ def test_dynamic_updates_match_single_process(stage, precision, method):
             assert any(bool((g[n][~keep0[n]] != 0).any()) for n in g), "RigL must see dense gradients of pruned entries"
         if method == "granet":
             assert ref_density(keep0) > ref_density(_full_update(ranks, k, "after", "keep")), "GraNet prunes"
+        if method == "snfs":  # the momentum the ranks held, and it is the average of every observed gradient
+            m = _full_update(ranks, k, "before", "m")
+            ema = _ema(ranks, step, ref.method.config.momentum)
+            assert all(torch.equal(m[n], ema[n]) for n in m), f"step {step}: SNFS momentum is not the average"
+            ref.method.m = {n: t.clone() for n, t in m.items()}
         ref.ctx.views = {n: ArrayView(n, r0["shapes"][n], w[n].clone(), g[n].clone()) for n in w}
         ref.ctx.take_requests()
         for n in w:
@@ -141,7 +157,10 @@ def test_dynamic_updates_match_single_process(stage, precision, method):
         churn = [r["updates"][k]["metrics"]["dimred/churn"] for r in ranks]
         assert churn[0] == churn[1] == ref_metrics["dimred/churn"]
         changed += sum(int((ref.ctx.state[n].keep ^ keep0[n]).sum()) for n in w)
+        moved += sum(int(ref.ctx.state[n].keep.sum()) != int(keep0[n].sum()) for n in w)
     assert changed > 0, "the updates must change the topology for the comparison to mean something"
+    if method == "snfs":
+        assert moved > 0, "SNFS redistributes: some layer's count must change"
 
     final = _full_masks(ranks, "final")
     _assert_masks_equal(final, {ps.name: (ps.keep, ps.train) for ps in ref.state}, "masks after the last update")

@@ -58,6 +58,17 @@ def dynamic_recipe(method: str) -> Recipe:
             "schedule": {"kind": "cubic", "interval": 2, "end_fraction": 0.6, "initial_sparsity": 0.5},
             "args": {"regrow_end_fraction": 0.6},
         })
+    if method in ("snfs", "mest"):
+        # uniform at 60% with a random start; SNFS moves budgets between layers by mean |momentum|; MEST
+        # mutates int(r * numel) per layer, r = 0.2 before steps 2 and 4, 0.1 before step 6
+        args = ({"momentum": 0.9} if method == "snfs" else
+                {"init": "random", "mutation_ratios": [0.2, 0.1], "decay_fractions": [0.5]})
+        return dimred_dist.load_recipe({
+            "method": method, "sparsity": 0.6, "distribution": "uniform", "seed": 3, "targets": {"biases": True},
+            "schedule": {"kind": "periodic", "interval": 2, "drop_fraction": 0.5, "end_fraction": 0.8,
+                         "decay": "cosine", "skip_step": False},
+            "args": args,
+        })
     rigl = method == "rigl"
     return dimred_dist.load_recipe({
         "method": method, "sparsity": 0.8 if rigl else 0.6, "distribution": "erk" if rigl else "uniform", "seed": 3,
@@ -177,7 +188,8 @@ def dynamic(stage: int, precision: str, method: str) -> dict[str, Any]:
     def update(ctx, step):
         before = {
             n: {"w": v.weight().detach().clone(), "g": v.grad().detach().clone(),
-                "keep": ctx.state[n].keep.clone(), "train": ctx.state[n].train.clone()}
+                "keep": ctx.state[n].keep.clone(), "train": ctx.state[n].train.clone(),
+                **({"m": mgr.method.m[n].clone()} if hasattr(mgr.method, "m") else {})}
             for n, v in ctx.views.items()
         }
         metrics = orig_update(ctx, step)
@@ -192,6 +204,14 @@ def dynamic(stage: int, precision: str, method: str) -> dict[str, Any]:
         return metrics
 
     mgr.method.update = update
+    rec["observed"] = []
+    orig_observe = mgr.method.observe
+
+    def observe(ctx, step):  # every step's gradient slices (SNFS averages them)
+        rec["observed"].append({n: v.grad().detach().float().clone() for n, v in ctx.views.items()})
+        orig_observe(ctx, step)
+
+    mgr.method.observe = observe
     orig_mask = mgr.mask_gradients
 
     def sumsq() -> float:
@@ -282,6 +302,8 @@ def suite_worker(rank: int, world_size: int, stage: int, precision: str):
         "rigl": lambda: dynamic(stage, precision, "rigl"),
         "set": lambda: dynamic(stage, precision, "set"),
         "granet": lambda: dynamic(stage, precision, "granet"),
+        "snfs": lambda: dynamic(stage, precision, "snfs"),
+        "mest": lambda: dynamic(stage, precision, "mest"),
         "freeze": lambda: freeze(stage, precision),
         "adamw": lambda: adamw(stage, precision),
         "bytes": lambda: state_bytes(stage, precision),
