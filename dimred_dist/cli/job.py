@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from dimred_dist.core.config import Recipe, build_dataclass, load_recipe, load_yaml, read_yaml_mapping
+from dimred_dist.core.registry import get_method
 
 TASKS = ("causal-lm", "sequence-classification")
 FORMATS = ("text", "csv", "json")
@@ -230,6 +231,12 @@ class JobConfig:
         positions = next((getattr(cfg, k) for k in ("n_positions", "max_position_embeddings") if hasattr(cfg, k)), None)
         if positions is not None and self.data.max_length > positions:
             raise ValueError(f"data.max_length={self.data.max_length} exceeds the model's {positions} positions")
+        method_cls = get_method(self.recipe.method)
+        if getattr(method_cls, "needs_pretrained", False) and self.model.pretrained is None:
+            raise ValueError(
+                f"recipe: {self.recipe.method!r} fine-tunes a pretrained model (its frozen entries keep their "
+                "pretrained values), but the job's model is built from model.config at random; give model.pretrained"
+            )
         if self.training.get("eval_strategy", "no") != "no" and not self.data.has_validation:
             raise ValueError("training.eval_strategy needs data.validation_files or data.validation_fraction")
 

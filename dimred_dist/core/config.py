@@ -109,6 +109,7 @@ class Recipe:
         self.method = method_cls.method_name
         self.schedule, self.args = _split_legacy_schedule(self.schedule, self.args, method_cls)
         self.schedule = schedule_from_dict(self.schedule, f"schedule of method {self.method!r}")
+        self.schedule.check_density(self.density)
         if isinstance(self.args, dict):
             misplaced = sorted(set(self.args) & {f.name for f in dataclasses.fields(self.schedule)})
             if misplaced:

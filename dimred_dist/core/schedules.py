@@ -111,6 +111,11 @@ class Schedule:
 
     def check(self, total_steps: int, density: float) -> None:
         """Raise ``ValueError`` if the schedule cannot run for ``total_steps`` or reach ``density``."""
+        self.check_density(density)
+
+    def check_density(self, density: float) -> None:
+        """Raise ``ValueError`` if the schedule cannot reach the recipe's ``density`` (checked when the
+        recipe is read, before the length of training is known)."""
 
     def initial_density(self, density: float) -> float:
         """Density of the topology chosen at initialization (``density`` is the recipe's target)."""
@@ -275,9 +280,13 @@ class CubicSchedule(Schedule):
     def check(self, total_steps: int, density: float) -> None:
         if total_steps < 1:
             raise ValueError(f"a cubic schedule needs the planned number of steps (total_steps), got {total_steps}")
+        self.check_density(density)
+
+    def check_density(self, density: float) -> None:
         if 1.0 - self.initial_sparsity < density:
             raise ValueError(
-                f"schedule.initial_sparsity {self.initial_sparsity} is above the recipe's sparsity {1.0 - density:.6g}"
+                f"schedule.initial_sparsity {self.initial_sparsity} is above the recipe's sparsity "
+                f"{1.0 - density:.6g}: the density would end above its start"
             )
 
     def initial_density(self, density: float) -> float:

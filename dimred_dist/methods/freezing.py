@@ -98,6 +98,7 @@ class FISH(_Probed):
     config_cls = FishConfig
     init_state = ElementState.FREEZE
     needs_data: ClassVar[bool] = True
+    needs_pretrained: ClassVar[bool] = True
 
     def setup(self, ctx: MethodContext) -> None:
         super().setup(ctx)

@@ -14,7 +14,19 @@ import dimred_dist
 from dimred_dist.cli.job import load_job
 from dimred_dist.cli.plan import plan_run
 from dimred_dist.cli.train import main
-from tests.cli.jobs import BIN, REPO, ds_json, env, lm_job, recipe_file, write_job, write_labeled, write_pretrained_bert
+from dimred_dist.core.registry import get_method
+from tests.cli.jobs import (
+    BIN,
+    REPO,
+    ds_json,
+    env,
+    lm_job,
+    recipe_file,
+    tiny_gpt2,
+    write_job,
+    write_labeled,
+    write_pretrained_bert,
+)
 
 RECIPES = sorted((REPO / "configs").glob("*.yaml"))
 DS_ENV = {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", "LOCAL_SIZE": "2"}  # as the deepspeed launcher sets
@@ -59,6 +71,8 @@ def test_example_jobs_validate(tmp_path):
 @pytest.mark.parametrize("stage", [2, 3])
 def test_every_recipe_runs_with_zero2_and_zero3_json(tmp_path, job, recipe, stage):
     job["recipe"], job["deepspeed"] = recipe_file(recipe), ds_json(f"zero{stage}.json")
+    if get_method(dimred_dist.load_recipe(recipe_file(recipe)).method).needs_pretrained:
+        job["model"] = {"pretrained": str(_pretrained_gpt2(tmp_path / "gpt2")), "task": "causal-lm"}
     plan = plan_run(load_job(str(write_job(tmp_path, job))), env=DS_ENV)
     assert plan.pass_to_training_args and plan.deepspeed_config["zero_optimization"]["stage"] == stage
 
@@ -107,6 +121,21 @@ def test_conflicting_deepspeed_json(tmp_path, job, change, fragment, capsys):
     _fails(tmp_path, job, fragment, capsys=capsys)
     with pytest.raises(ValueError, match="conflicts with the job"):
         plan_run(load_job(str(tmp_path / "job.yaml")), env=DS_ENV)
+
+
+def _pretrained_gpt2(folder: Path) -> Path:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    GPT2LMHeadModel(GPT2Config(**{k: v for k, v in tiny_gpt2()["config"].items() if k != "model_type"})
+                    ).save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("recipe", ["spiel_95_encoder.yaml", "fish_95_encoder.yaml"])
+def test_sparse_finetune_needs_a_pretrained_model(tmp_path, job, recipe, capsys):
+    job["recipe"] = recipe_file(recipe)
+    method = dimred_dist.load_recipe(recipe_file(recipe)).method
+    _fails(tmp_path, job, f"recipe: {method!r} fine-tunes a pretrained model", "give model.pretrained", capsys=capsys)
 
 
 def test_pretrained_folder_missing(tmp_path, job, capsys):

@@ -7,6 +7,7 @@ import math
 
 import pytest
 
+import dimred_dist
 from dimred_dist.core.schedules import (
     ConstantValue,
     CosineDecay,
@@ -106,6 +107,11 @@ def test_cubic_schedule_follows_zhu_and_gupta():
     assert start.initial_density(0.1) == 0.5
     with pytest.raises(ValueError, match="initial_sparsity 0.5 is above the recipe's sparsity 0.3"):
         start.check(100, 0.7)
+    # a recipe whose density schedule would end above its start is refused when it is read
+    with pytest.raises(ValueError, match="initial_sparsity 0.95 is above the recipe's sparsity 0.9: the density "
+                                         "would end above its start"):
+        dimred_dist.load_recipe({"method": "magnitude", "sparsity": 0.9,
+                                 "schedule": {"kind": "cubic", "initial_sparsity": 0.95}})
     with pytest.raises(ValueError, match="start_fraction 0.6 must be below schedule.end_fraction 0.5"):
         CubicSchedule(start_fraction=0.6, end_fraction=0.5)
 
