@@ -184,8 +184,22 @@ class DimRedManager:
             if self._ever is not None:
                 self._ever.update(ctx.state)
             self.apply_masks(propagate=False)
+        held = self.optimizer.state_bytes() if result is not None and isinstance(self.optimizer, CompactOptimizer) \
+            else None
         self._carry_out(ctx.take_requests(), changed=result is not None)
+        if held is not None:
+            self._record_release(held - self.optimizer.state_bytes())
         self.mask_gradients()
+
+    def _record_release(self, local: int) -> None:
+        """Add the optimizer-state bytes the latest update gave back (negative: took) to its history
+        entry: summed over ranks, and the largest on one rank (one small all-reduce)."""
+        coll = self.ctx.coll
+        slots = torch.zeros(coll.world_size, dtype=torch.int64)
+        slots[coll.rank] = local
+        per_rank = coll.all_reduce_sum(slots)
+        self.topology_history[-1].update({"optimizer/released_bytes": float(per_rank.sum()),
+                                          "optimizer/rank_released_bytes": float(per_rank.max())})
 
     def _carry_out(self, req: dict[str, Any], *, changed: bool) -> None:
         """What the method asked for during observe / update."""

@@ -19,7 +19,10 @@ Keys (every value a float; ``<layer>`` is a managed parameter's name, in model o
   bytes held, what a dense optimizer of the same kind would hold for the same tensors, and the
   difference, summed over the ranks that share the parameters (one model copy);
   ``dimred/optimizer/rank_{state,dense,reclaimed}_bytes``: the same three on the rank that holds
-  the most optimizer state (the per-rank memory that matters).
+  the most optimizer state (the per-rank memory that matters);
+* ``dimred/optimizer/released_bytes`` / ``rank_released_bytes`` (compact optimizers, from the first
+  topology update on): optimizer-state bytes the latest update gave back, summed over ranks and the
+  most on one rank (negative where it took more: regrowth into a denser layer).
 """
 
 from __future__ import annotations

@@ -73,6 +73,38 @@ def spiel(stage: int, precision: str) -> dict[str, Any]:
     return out
 
 
+T_FREEZE = 8
+
+
+def freezeout_recipe() -> dd.Recipe:
+    """l1 (weight and bias, 264 entries) freezes before step 4, tiny before step 6; l2 trains on."""
+    return dd.load_recipe({"method": "freezeout", "sparsity": 0.0, "targets": {"biases": True},
+                           "args": {"groups": ["^l1\\.", "^tiny\\."], "t0": 0.5, "scale": "linear"}})
+
+
+def freezeout(stage: int, precision: str) -> dict[str, Any]:
+    """Progressive freezing: the optimizer bytes of this rank after every step, the module weights after
+    every step, the history with the released bytes, the final state codes."""
+    from dimred_dist.distributed.zero import ZeroAdapter
+    from dimred_dist.optim import CompactAdamW
+
+    model = make_model(Net)
+    engine = build_engine(model, ds_config(stage, precision), CompactAdamW(model.parameters(), lr=0.01))
+    mgr = dd.DimRedManager(freezeout_recipe(), engine.module, adapter=ZeroAdapter(engine),
+                           total_steps=T_FREEZE).prepare()
+    mgr.attach(engine)
+    out: dict[str, Any] = {"bytes": [mgr.optimizer.state_bytes()], "weights": []}
+    for t in range(T_FREEZE):
+        _step(engine, model, t, precision)
+        out["bytes"].append(mgr.optimizer.state_bytes())
+        out["weights"].append(full_module_params(engine))
+    out["history"] = mgr.topology_history
+    out["codes"] = _local(mgr, lambda n, v: mgr.state[n].codes().clone())
+    out["metrics"] = mgr.metrics()
+    return out
+
+
 def worker(rank: int, world: int, precision: str):
     init_deepspeed()
-    return run_scenarios({f"spiel{s}": (lambda s=s: spiel(s, precision)) for s in (1, 2, 3)})
+    return run_scenarios({**{f"spiel{s}": (lambda s=s: spiel(s, precision)) for s in (1, 2, 3)},
+                          **{f"freezeout{s}": (lambda s=s: freezeout(s, precision)) for s in (1, 2, 3)}})
