@@ -16,9 +16,12 @@ Methods (each its shipped rule, at the recipe defaults except the update interva
 static ERK random, SET (constant drop 0.3), RigL (cosine drop 0.3, no step on update steps), SNFS
 (ceil(p * active) removed with p = 0.5 cosine, regrowth redistributed by mean |momentum|), MEST
 (mutation 2% -> 1% -> 0 of each layer), GraNet (dense to sparse along the cubic schedule to 75% of
-training, global magnitude pruning with same-step gradient regrowth), FreezeNet (SNIP saliency on one
+training, global magnitude pruning with same-step gradient regrowth), Top-KAST (forward set the top
+|w| at the sparsity, backward set 10 points denser, both recomputed every ``--interval`` steps, penalty
+1e-4), FreezeNet (SNIP saliency on one
 batch chooses the TRAIN entries, the rest FREEZE at init). The ITOP rate is the fraction of managed
-entries that were ever active (not pruned); for FreezeNet every entry stays in the forward pass (1.0).
+entries that were ever active (not pruned; for Top-KAST, ever in the backward set); for FreezeNet
+every entry stays in the forward pass (1.0).
 Records (JSON): ``method``, ``sparsity``, ``seed``, ``val_ppl``, ``itop``, ``train_fraction``, ``seconds``.
 """
 
@@ -42,7 +45,7 @@ from dimred_dist.optim import CompactAdamW  # noqa: E402
 FORTUNES = Path("/usr/share/games/fortunes")
 TRAIN = ["art", "computers", "food", "law", "literature", "people", "politics", "wisdom"]
 VALID = ["science"]
-METHODS = ["dense", "static", "set", "rigl", "snfs", "mest", "granet", "freezenet"]
+METHODS = ["dense", "static", "set", "rigl", "snfs", "mest", "granet", "topkast", "freezenet"]
 SEQ, BATCH, EOS = 64, 16, 256
 TARGETS = {"include": [r"\.h\.\d+\."], "exclude": [r"\.ln_"]}
 
@@ -83,6 +86,7 @@ def recipe(method: str, sparsity: float, seed: int, interval: int) -> dd.Recipe 
                  "schedule": {"kind": "periodic", "interval": interval, "end_fraction": 1.0, "skip_step": False}},
         "granet": {"method": "granet", "distribution": "global",
                    "schedule": {"kind": "cubic", "interval": interval, "end_fraction": 0.75}},
+        "topkast": {"method": "topkast", "distribution": "uniform", "args": {"interval": interval}},
         "freezenet": {"method": "freezenet", "distribution": "global", "args": {"batches": 1}},
     }
     spec = specs[method]
@@ -117,10 +121,12 @@ def run(method: str, sparsity: float, seed: int, data, *, steps: int, interval: 
         probe = dd.ProbeData([{"input_ids": (b := windows(train, BATCH, torch.Generator().manual_seed(seed))),
                                "labels": b}])
         mgr = dd.DimRedManager(r, model, total_steps=steps).prepare(probe=probe)
-        mgr.attach(opt, lr_scheduler=sched)
+        mgr.attach(opt, pre_step=False, lr_scheduler=sched)
     model.train()
     for _ in range(steps):
         lm_loss(model, windows(train, BATCH, gen)).backward()
+        if mgr is not None:  # masks (and Top-KAST's penalty) before the norm is clipped
+            mgr.before_optimizer_step()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()

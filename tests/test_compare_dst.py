@@ -16,7 +16,7 @@ import compare_dst  # noqa: E402
 @pytest.mark.skipif(not (compare_dst.FORTUNES / "art").is_file(), reason="Debian's fortunes corpus is not installed")
 def test_quick_run_writes_every_record(tmp_path, capsys):
     out = tmp_path / "dst.json"
-    methods = ["dense", "static", "snfs", "mest", "granet"]
+    methods = ["dense", "static", "snfs", "mest", "granet", "topkast"]
     assert compare_dst.main(["--quick", "--steps", "20", "--json", str(out), "--methods", ",".join(methods)]) == 0
     records = json.loads(out.read_text())
     assert {(r["method"], r["sparsity"]) for r in records} == {("dense", 0.0)} | {
@@ -26,6 +26,7 @@ def test_quick_run_writes_every_record(tmp_path, capsys):
     by = {(r["method"], r["sparsity"]): r for r in records}
     assert by[("static", 0.9)]["itop"] == pytest.approx(0.1, abs=1e-3), "a static topology: ITOP = density"
     assert by[("snfs", 0.9)]["itop"] > 0.1, "SNFS regrows: more entries were active at some point"
+    assert by[("topkast", 0.9)]["itop"] > 0.2, "Top-KAST recomputes its sets: entries entered the backward set"
     assert by[("dense", 0.0)]["itop"] == 1.0 and by[("granet", 0.8)]["itop"] == 1.0, "GraNet starts dense"
     table = capsys.readouterr().out
     assert "| method | ppl 80% | ITOP 80% | ppl 90% | ITOP 90% |" in table and "| mest |" in table

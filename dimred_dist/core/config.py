@@ -118,6 +118,7 @@ class Recipe:
                     f"give them in the recipe's `schedule:` section"
                 )
         self.args = build_dataclass(method_cls.config_cls, self.args, f"args of method {self.method!r}")
+        method_cls.check_recipe(self)
 
     @property
     def density(self) -> float:

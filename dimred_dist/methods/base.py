@@ -74,6 +74,11 @@ class Method:
         """How many probe batches :meth:`probe` uses (the integrations draw as many)."""
         return int(getattr(self.config, "batches", 1))
 
+    @classmethod
+    def check_recipe(cls, recipe: Recipe) -> None:
+        """Checks that need the recipe's values together with the method's args, when the recipe is
+        read (before any model is built); raise ``ValueError`` naming the values."""
+
     # ---- score hooks ---------------------------------------------------------------------
     def scores(self, view, ctx: MethodContext) -> torch.Tensor:
         """The criterion: active entries with the highest scores survive a pruning or drop step."""

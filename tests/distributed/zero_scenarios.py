@@ -80,6 +80,15 @@ def dynamic_recipe(method: str) -> Recipe:
     })
 
 
+def topkast_recipe() -> Recipe:
+    """Top-KAST, forward density 0.4 and backward density 0.7 per layer, sets recomputed before steps
+    2, 4, 6 and 8, a penalty large enough to move the gradients visibly."""
+    return dimred_dist.load_recipe({
+        "method": "topkast", "sparsity": 0.6, "distribution": "uniform", "seed": 3, "targets": {"biases": True},
+        "args": {"backward_sparsity": 0.3, "interval": 2, "penalty": 0.05},
+    })
+
+
 def freeze_recipe() -> Recipe:
     return dimred_dist.load_recipe({
         "method": "random_freeze", "sparsity": 0.7, "distribution": "uniform", "seed": 5, "targets": {"biases": True},
@@ -234,6 +243,40 @@ def dynamic(stage: int, precision: str, method: str) -> dict[str, Any]:
     return rec
 
 
+def topkast(stage: int, precision: str) -> dict[str, Any]:
+    """Top-KAST: the sets, store and weights before and after every update, the gradient before and
+    after the penalty, and the module weights after every step."""
+    model = make_model(Net)
+    engine = build_engine(model, ds_config(stage, precision, grad_acc=GA_DYN))
+    mgr = _attach(topkast_recipe(), engine, T_DYN)
+    m = mgr.method
+    rec = _layout(mgr)
+
+    def snap(ctx) -> dict[str, Any]:
+        return {n: {"keep": ctx.state[n].keep.clone(), "fwd": m.forward[n].clone(), "theta": m.theta[n].clone(),
+                    "w": v.weight().detach().clone()} for n, v in ctx.views.items()}
+
+    rec["init"], rec["module_init"] = snap(mgr.ctx), full_module_params(engine)
+    rec["steps"], rec["modules"] = [], []
+    orig_update = m.update
+
+    def update(ctx, step):
+        before = snap(ctx)
+        g_raw = {n: v.grad().detach().float().clone() for n, v in ctx.views.items()}
+        metrics = orig_update(ctx, step)
+        entry = {"step": step, "before": before, "g_raw": g_raw, "after": snap(ctx), "changed": metrics is not None,
+                 "g": {n: v.grad().detach().float().clone() for n, v in ctx.views.items()},
+                 "regrown": {n: ctx.moment_resets[n].clone() for n in ctx.views} if metrics is not None else {}}
+        rec["steps"].append(entry)
+        return metrics
+
+    m.update = update
+    train(engine, model, T_DYN, precision, grad_acc=GA_DYN,
+          after_step=lambda t: rec["modules"].append((snap(mgr.ctx), full_module_params(engine))))
+    rec["step"] = mgr.step
+    return rec
+
+
 def freeze(stage: int, precision: str) -> dict[str, Any]:
     """Element-wise random freezing: masks, masters and module weights before and after training."""
     model = make_model(Net)
@@ -304,6 +347,7 @@ def suite_worker(rank: int, world_size: int, stage: int, precision: str):
         "granet": lambda: dynamic(stage, precision, "granet"),
         "snfs": lambda: dynamic(stage, precision, "snfs"),
         "mest": lambda: dynamic(stage, precision, "mest"),
+        "topkast": lambda: topkast(stage, precision),
         "freeze": lambda: freeze(stage, precision),
         "adamw": lambda: adamw(stage, precision),
         "bytes": lambda: state_bytes(stage, precision),
