@@ -11,6 +11,7 @@ from dimred_dist.methods import (  # noqa: F401
     progressive,
     snfs,
     static,
+    supermask,
     topkast,
 )
 from dimred_dist.methods.base import Method, MethodContext

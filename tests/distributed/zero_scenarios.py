@@ -89,6 +89,15 @@ def topkast_recipe() -> Recipe:
     })
 
 
+def edge_popup_recipe() -> Recipe:
+    """Edge-popup on the weights (biases train), half of each layer, the reference's score optimizer at a
+    larger learning rate so the top-k moves within 10 steps."""
+    return dimred_dist.load_recipe({
+        "method": "edge_popup", "sparsity": 0.5, "distribution": "uniform", "seed": 3,
+        "args": {"score_lr": 2.0, "momentum": 0.9, "weight_decay": 5e-4},
+    })
+
+
 def freeze_recipe() -> Recipe:
     return dimred_dist.load_recipe({
         "method": "random_freeze", "sparsity": 0.7, "distribution": "uniform", "seed": 5, "targets": {"biases": True},
@@ -277,6 +286,43 @@ def topkast(stage: int, precision: str) -> dict[str, Any]:
     return rec
 
 
+def edge_popup(stage: int, precision: str) -> dict[str, Any]:
+    """Edge-popup: every step's gradient, scores and momentum before and after the score step, the top-k
+    and the weights after it, and the module weights after training."""
+    model = make_model(Net)
+    engine = build_engine(model, ds_config(stage, precision, grad_acc=GA_DYN))
+    mgr = _attach(edge_popup_recipe(), engine, T_DYN)
+    m = mgr.method
+    rec = _layout(mgr)
+    rec["init"] = {n: {"scores": m.scores[n].clone(), "w0": m.w0[n].clone(), "keep": mgr.state[n].keep.clone(),
+                       "w": v.weight().detach().clone()} for n, v in mgr.views.items()}
+    rec["steps"] = []
+    orig_observe, orig_update = m.observe, m.update
+
+    def observe(ctx, step):
+        entry = {n: {"g": v.grad().detach().float().clone(), "s0": m.scores[n].clone(), "buf0": m.buf[n].clone()}
+                 for n, v in ctx.views.items()}
+        orig_observe(ctx, step)
+        for n in entry:
+            entry[n].update({"s": m.scores[n].clone(), "buf": m.buf[n].clone()})
+        rec["steps"].append({"step": step, "lr": m.score_lr(step, ctx.total_steps), "views": entry})
+
+    def update(ctx, step):
+        out = orig_update(ctx, step)
+        for n, v in ctx.views.items():
+            rec["steps"][-1]["views"][n].update({"keep": ctx.state[n].keep.clone(), "train": ctx.state[n].train.clone(),
+                                                 "w": v.weight().detach().clone()})
+        rec["steps"][-1]["changed"] = out is not None
+        return out
+
+    m.observe, m.update = observe, update
+    train(engine, model, T_DYN, precision, grad_acc=GA_DYN)
+    rec["final"] = local_masks(mgr)
+    rec["module"] = full_module_params(engine)
+    rec["step"] = mgr.step
+    return rec
+
+
 def freeze(stage: int, precision: str) -> dict[str, Any]:
     """Element-wise random freezing: masks, masters and module weights before and after training."""
     model = make_model(Net)
@@ -348,6 +394,7 @@ def suite_worker(rank: int, world_size: int, stage: int, precision: str):
         "snfs": lambda: dynamic(stage, precision, "snfs"),
         "mest": lambda: dynamic(stage, precision, "mest"),
         "topkast": lambda: topkast(stage, precision),
+        "edge_popup": lambda: edge_popup(stage, precision),
         "freeze": lambda: freeze(stage, precision),
         "adamw": lambda: adamw(stage, precision),
         "bytes": lambda: state_bytes(stage, precision),
