@@ -107,6 +107,12 @@ class MethodContext:
         total = sum(v.numel for v in self.views.values())
         return int(self.coll.all_reduce_sum(changed)) / max(total, 1)
 
+    def state_bytes(self, per_entry: int) -> tuple[int, int]:
+        """Bytes of method state holding ``per_entry`` bytes for every managed entry a rank holds: summed
+        over the ranks, and on the largest rank (two small all-reduces; for the method's metrics)."""
+        local = torch.tensor([per_entry * sum(v.local_numel for v in self.views.values())], dtype=torch.int64)
+        return int(self.coll.all_reduce_sum(local.clone())[0]), int(self.coll.all_reduce_max(local)[0])
+
     def grads_finite(self, step: int, who: str) -> bool:
         """Whether every rank's gradients of the managed views are finite (one small all-reduce, so all
         ranks agree): a method that accumulates gradients skips a step DeepSpeed skips (fp16 overflow)."""

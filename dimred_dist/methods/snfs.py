@@ -123,8 +123,7 @@ class SNFS(SET):
         self.m: dict[str, torch.Tensor] = {
             n: torch.zeros(v.local_numel, dtype=torch.float32, device=v.weight().device) for n, v in ctx.views.items()
         }
-        local = torch.tensor([4 * sum(v.local_numel for v in ctx.views.values())], dtype=torch.int64)
-        self._bytes = (int(ctx.coll.all_reduce_sum(local.clone())[0]), int(ctx.coll.all_reduce_max(local)[0]))
+        self._bytes = ctx.state_bytes(4)
 
     @torch.no_grad()
     def observe(self, ctx: MethodContext, step: int) -> None:

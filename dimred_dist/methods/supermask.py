@@ -94,8 +94,7 @@ class EdgePopup(Method):
         self.w0 = {n: t.clone() for n, t in zeros.items()}
         self.scores = {n: t.clone() for n, t in zeros.items()}
         self.buf = {n: t.clone() for n, t in zeros.items()}
-        local = torch.tensor([12 * sum(v.local_numel for v in ctx.views.values())], dtype=torch.int64)
-        self._bytes = (int(ctx.coll.all_reduce_sum(local.clone())[0]), int(ctx.coll.all_reduce_max(local)[0]))
+        self._bytes = ctx.state_bytes(12)
         self._lr = float(self.config.score_lr)
 
     @torch.no_grad()

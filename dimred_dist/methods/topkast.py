@@ -98,8 +98,7 @@ class TopKAST(Method):
                       for n, v in ctx.views.items()}
         self.forward = {n: torch.zeros(v.local_numel, dtype=torch.bool, device=v.weight().device)
                         for n, v in ctx.views.items()}
-        local = torch.tensor([5 * sum(v.local_numel for v in ctx.views.values())], dtype=torch.int64)
-        self._bytes = (int(ctx.coll.all_reduce_sum(local.clone())[0]), int(ctx.coll.all_reduce_max(local)[0]))
+        self._bytes = ctx.state_bytes(5)
         self._forward_density = 1.0
 
     def _hidden(self, ctx: MethodContext, name: str) -> torch.Tensor:

@@ -14,9 +14,13 @@ from dimred_dist import DimRedManager
 W0 = [4.0, -3.0, 2.0, -1.0, 0.5, 0.25, -0.125, 1.5]
 
 
+def _recipe(**args) -> dd.Recipe:
+    return dd.load_recipe({"method": "topkast", "sparsity": 0.75, "distribution": "uniform", "seed": 0,
+                           "args": {"backward_sparsity": 0.5, "interval": 2, "penalty": 0.25, **args}})
+
+
 def _topkast(**args):
-    r = dd.load_recipe({"method": "topkast", "sparsity": 0.75, "distribution": "uniform", "seed": 0,
-                        "args": {"backward_sparsity": 0.5, "interval": 2, "penalty": 0.25, **args}})
+    r = _recipe(**args)
     model = nn.Linear(4, 2, bias=False)
     with torch.no_grad():
         model.weight.copy_(torch.tensor(W0).reshape(2, 4))
@@ -91,8 +95,7 @@ def test_topkast_forward_uses_the_forward_set_only():
 
 def test_topkast_moments_of_entries_entering_the_backward_set_restart():
     """With Adam the entry that enters B (flat 3 before step 2) starts with zero moments."""
-    r = dd.load_recipe({"method": "topkast", "sparsity": 0.75, "distribution": "uniform",
-                        "args": {"backward_sparsity": 0.5, "interval": 2, "penalty": 0.0}})
+    r = _recipe(penalty=0.0)
     model = nn.Linear(4, 2, bias=False)
     with torch.no_grad():
         model.weight.copy_(torch.tensor(W0).reshape(2, 4))
@@ -148,8 +151,7 @@ def test_topkast_resumes_bit_for_bit(tmp_path):
     for t in range(3, 6):
         _step(model, opt, grads[t])
 
-    r = dd.load_recipe({"method": "topkast", "sparsity": 0.75, "distribution": "uniform", "seed": 0,
-                        "args": {"backward_sparsity": 0.5, "interval": 2, "penalty": 0.25}})
+    r = _recipe()
     model2 = nn.Linear(4, 2, bias=False)
     with torch.no_grad():
         model2.weight.copy_(saved)
