@@ -151,6 +151,11 @@ class DimRedManager:
         return {n: self.ctx.views[n] if n in self.ctx.views else extra[n] for n in order}
 
     @property
+    def ever(self) -> EverActive | None:
+        """Bit-packed local masks of the entries active at least once (dynamic methods; the ITOP rate)."""
+        return self._ever
+
+    @property
     def state(self) -> DimRedState:
         self._require_prepared()
         return self.ctx.state
@@ -394,21 +399,29 @@ class DimRedManager:
     def state_dict(self) -> dict[str, Any]:
         """Step, masks, method state (plain data), LR schedule snapshots and the method's tensor state."""
         return {"step": self.step, "masks": self.state.state_dict(), "method": self.method.state_dict(),
-                "lr_saved": _json_or_empty(self._lr_saved), "tensors": self.method.tensor_state()}
+                "lr_saved": _json_or_empty(self._lr_saved), "tensors": self.method.tensor_state(),
+                "counters": self._counters(), **({"ever": dict(self._ever.bits)} if self._ever is not None else {})}
 
     def state_dict_plain(self) -> dict[str, Any]:
         """The plain-data (JSON) part of :meth:`state_dict` besides step and masks: what a checkpoint
-        manifest records as ``method_state``."""
-        return {"method": self.method.state_dict(), "lr_saved": _json_or_empty(self._lr_saved)}
+        manifest records as ``method_state`` (the metric counters included, so logged curves go on)."""
+        return {"method": self.method.state_dict(), "lr_saved": _json_or_empty(self._lr_saved),
+                "counters": self._counters()}
+
+    def _counters(self) -> dict[str, Any]:
+        return {"history": copy.deepcopy(self.topology_history), "update_seconds": self.update_seconds}
 
     @staticmethod
     def split_plain(plain: dict[str, Any]) -> dict[str, Any]:
         """:meth:`load_state_dict` keys from a manifest's ``method_state`` (format 1 held the method's only)."""
-        if set(plain) <= {"method", "lr_saved"}:
-            return {"method": plain.get("method", {}), "lr_saved": plain.get("lr_saved", {})}
+        if set(plain) <= {"method", "lr_saved", "counters"}:
+            return {"method": plain.get("method", {}), "lr_saved": plain.get("lr_saved", {}),
+                    **({"counters": plain["counters"]} if "counters" in plain else {})}
         return {"method": plain, "lr_saved": {}}
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`; ``counters`` and ``ever`` (bit-packed local masks) are optional: without
+        them the metric counters restart at zero and the ITOP history at the loaded topology."""
         self.state.load_state_dict(sd["masks"])
         self.method.load_state_dict(sd.get("method", {}))
         self.method.load_tensor_state(sd.get("tensors", {}))
@@ -416,8 +429,15 @@ class DimRedManager:
         self.step = int(sd["step"])
         self._before_done = -1
         self.apply_masks()
-        if self._ever is not None:  # a checkpoint holds no ITOP history: count from the loaded topology
+        counters = sd.get("counters")
+        if counters is not None:
+            self.topology_history = [{k: float(v) for k, v in h.items()} for h in counters["history"]]
+            self.update_seconds = float(counters["update_seconds"])
+        if self._ever is not None:
             self._ever = EverActive(self.state)
+            for name, bits in (sd.get("ever") or {}).items():
+                self._ever.bits[name] |= bits.to(self._ever.bits[name].device)
+            self._ever.recount()
         if self.optimizer is not None:
             self.sync_optimizer()
 

@@ -53,7 +53,11 @@ class EverActive:
         """Add the entries kept now."""
         for ps in state:
             self.bits[ps.name] |= pack_bits(ps.keep)
-            self.counts[ps.name] = _popcount(self.bits[ps.name])
+        self.recount()
+
+    def recount(self) -> None:
+        """Refresh the cached counts after :attr:`bits` changed."""
+        self.counts = {name: _popcount(b) for name, b in self.bits.items()}
 
 
 def _popcount(bits: torch.Tensor) -> int:

@@ -6,7 +6,11 @@ Layout of ``<checkpoint>/dimred/`` (no pickle anywhere: safetensors and JSON onl
   ``<name>.keep`` and ``<name>.train``, bit-packed (uint8, entry ``i`` of the rank's range
   ``[start, end)`` is bit ``i % 8`` of byte ``i // 8``), plus the ranges as JSON metadata;
 * ``manifest.json``, written last by rank 0: format, world size, ZeRO stage, step, recipe, method
-  state, every parameter's shape (model order), and per file its SHA-256, size and global ranges;
+  state and the metric counters (topology history, seconds), every parameter's shape (model order),
+  per file its SHA-256, size and global ranges, and (``record_checkpoint``) the SHA-256 and size of
+  every other file of the checkpoint folder (:mod:`dimred_dist.distributed.integrity`);
+* ``<name>.ever`` next to the masks (dynamic methods): the entries active at least once so far, so
+  the ITOP rate goes on where it was;
 * the method's tensor state (:meth:`~dimred_dist.methods.base.Method.tensor_state`, e.g. an IMP
   weight snapshot) as ``method.<key>.<name>`` tensors of the rank's range of the parameter, with their
   ranges per file and their shapes and dtypes in the manifest (``tensors``), so they reshard too.
@@ -15,6 +19,10 @@ The per-rank files together with their global ranges cover every parameter exact
 loader at any world size or stage reads, for each of its own ranges, only the byte slices of the
 files that overlap it (``safe_open(...).get_slice``): no rank materializes masks it does not own.
 Replicated parameters (DDP) are written by rank 0 only.
+
+Crash safety: everything is written into ``dimred.tmp/`` and renamed to ``dimred/`` once every rank's
+file and the manifest are on disk, so a ``dimred/`` folder is always whole; a save cut short leaves
+no manifest and the checkpoint counts as incomplete.
 
 The compact optimizer state is not stored here: at the same world size and stage DeepSpeed's own
 checkpoint (or the Trainer's ``optimizer.pt``) restores it exactly, and
@@ -28,6 +36,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,6 +46,7 @@ from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
 
 from dimred_dist.core.logging import get_logger
+from dimred_dist.distributed.integrity import hash_tree
 from dimred_dist.optim.compact import pack_bits, unpack_bits
 
 logger = get_logger(__name__)
@@ -49,9 +59,10 @@ __all__ = [
 DIMRED_DIR = "dimred"
 MANIFEST = "manifest.json"
 FORMAT = "dimred_dist.checkpoint"
-VERSION = 2
-#: Versions this reader reads (version 1 has no tensor state).
-READABLE = (1, 2)
+VERSION = 3
+#: Versions this reader reads (version 1 has no tensor state; 1 and 2 no counters and no checksums of the
+#: Trainer's files).
+READABLE = (1, 2, 3)
 _HASH_CHUNK = 1 << 22
 _DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16,
            "bool": torch.bool, "int64": torch.int64, "int32": torch.int32, "uint8": torch.uint8}
@@ -87,6 +98,10 @@ class Manifest:
     files: list[SavedFile]
     #: Method tensor state: ``{key: {"dtype": str, "params": {name: shape}}}``.
     tensors: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    #: Whether the rank files hold ``<name>.ever`` bits (the ITOP history).
+    ever: bool = False
+    #: ``{relative path: {"sha256", "bytes"}}`` of the checkpoint folder's other files; None: not recorded.
+    checkpoint_files: dict[str, dict[str, Any]] | None = None
 
     def pieces(self, name: str) -> list[tuple[SavedFile, int, int]]:
         """(file, start, end) of every saved piece of parameter ``name``, by start."""
@@ -98,12 +113,17 @@ class Manifest:
 
 
 # ---- saving ----------------------------------------------------------------------------------
-def save_dimred_state(manager, directory: str | os.PathLike) -> Path:
+def save_dimred_state(manager, directory: str | os.PathLike, *, record_checkpoint: bool = False) -> Path:
     """Write the manager's state into ``<directory>/dimred/`` (every rank calls it).
 
     Each rank writes its own ``rank<r>.safetensors``; rank 0 then writes ``manifest.json`` with the
     files' checksums and ranges (gathered in one small all-reduce of integers, no tensors of
-    weights or masks cross the network).
+    weights or masks cross the network), and renames the finished ``dimred.tmp/`` to ``dimred/``.
+
+    Args:
+        record_checkpoint: Also record the SHA-256 of every other file under ``directory`` (the
+            Trainer's and DeepSpeed's, all written before this call on every rank), which a resume
+            verifies before loading them (:func:`dimred_dist.distributed.integrity.checkpoint_problem`).
 
     Raises:
         FileExistsError: If ``<directory>/dimred`` already holds dimred files (on every rank).
@@ -120,6 +140,10 @@ def save_dimred_state(manager, directory: str | os.PathLike) -> Path:
     exists = out.is_dir() and any(p.name == MANIFEST or p.suffix == ".safetensors" for p in out.iterdir())
     if int(coll.all_reduce_max(torch.tensor([int(exists)]))[0]):  # every rank raises, none waits
         raise FileExistsError(f"{out} already holds a dimred checkpoint; refusing to overwrite it")
+    final, out = out, out.with_name(DIMRED_DIR + ".tmp")
+    if topo.rank == 0 and out.exists():  # left by a save that was cut short: never a whole state
+        shutil.rmtree(out)
+    coll.barrier()
     out.mkdir(parents=True, exist_ok=True)
 
     names = list(views)
@@ -128,6 +152,8 @@ def save_dimred_state(manager, directory: str | os.PathLike) -> Path:
     for n in mine:
         tensors[f"{n}.keep"] = pack_bits(state[n].keep.cpu())
         tensors[f"{n}.train"] = pack_bits(state[n].train.cpu())
+        if manager.ever is not None:
+            tensors[f"{n}.ever"] = manager.ever.bits[n].cpu()
     ranges = {n: [views[n].start, views[n].end] for n in mine}
     extra = _method_tensors(manager, coll)
     extra_cols = [(k, n) for k in sorted(extra) for n in sorted(extra[k])]
@@ -141,9 +167,7 @@ def save_dimred_state(manager, directory: str | os.PathLike) -> Path:
             "tensor_ranges": json.dumps(t_ranges)}
     blob = safetensors_bytes(tensors, metadata=meta)
     fname = f"rank{topo.rank}.safetensors"
-    tmp = out / (fname + ".tmp")
-    tmp.write_bytes(blob)
-    os.replace(tmp, out / fname)
+    (out / fname).write_bytes(blob)
 
     # Row r: 32 digest bytes, file size, then (start, end) per parameter and per tensor-state column of rank r.
     cols = len(names) + len(extra_cols)
@@ -179,13 +203,15 @@ def save_dimred_state(manager, directory: str | os.PathLike) -> Path:
             "format": FORMAT, "version": VERSION, "world_size": topo.world_size, "zero_stage": topo.zero_stage,
             "step": manager.step, "recipe": manager.recipe.to_dict(), "method_state": method_state,
             "params": {n: list(views[n].shape) for n in names}, "files": files, "tensors": tensor_meta,
+            "ever": manager.ever is not None,
         }
-        tmp = out / (MANIFEST + ".tmp")
-        tmp.write_text(json.dumps(manifest, indent=1))
-        os.replace(tmp, out / MANIFEST)
+        if record_checkpoint:
+            manifest["checkpoint_files"] = hash_tree(directory, DIMRED_DIR)
+        (out / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        os.replace(out, final)
     coll.barrier()
-    logger.info("dimred: saved the state of step %d (%d ranks) to %s", manager.step, topo.world_size, out)
-    return out
+    logger.info("dimred: saved the state of step %d (%d ranks) to %s", manager.step, topo.world_size, final)
+    return final
 
 
 def _method_tensors(manager, coll) -> dict[str, dict[str, torch.Tensor]]:
@@ -218,6 +244,8 @@ def read_manifest(directory: str | os.PathLike) -> Manifest:
     if root.name != DIMRED_DIR and (root / DIMRED_DIR).is_dir():
         root = root / DIMRED_DIR
     path = root / MANIFEST
+    if root.name != DIMRED_DIR and not path.is_file():
+        path = root / DIMRED_DIR / MANIFEST  # where it would be
     if not path.is_file():
         raise FileNotFoundError(
             f"{directory} is not a dimred checkpoint: {path} is missing (it is written by save_dimred_state / "
@@ -237,7 +265,7 @@ def read_manifest(directory: str | os.PathLike) -> Manifest:
                         for k, per in f.get("tensor_ranges", {}).items()}) for f in raw["files"]]
     m = Manifest(root, int(raw["world_size"]), int(raw["zero_stage"]), int(raw["step"]), raw["recipe"],
                  raw.get("method_state", {}), {n: tuple(int(d) for d in s) for n, s in raw["params"].items()}, files,
-                 raw.get("tensors", {}))
+                 raw.get("tensors", {}), bool(raw.get("ever", False)), raw.get("checkpoint_files"))
     for f in files:
         if Path(f.file).name != f.file:
             raise CheckpointError(f"{path}: file name {f.file!r} must not contain a directory")
@@ -290,14 +318,15 @@ def _read_bits(handle, key: str, lo: int, hi: int) -> torch.Tensor:
     return unpack_bits(packed, hi - 8 * b0)[lo - 8 * b0 :]
 
 
-def read_ranges(manifest: Manifest, wanted: dict[str, tuple[int, int]]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """(keep, train) over ``[start, end)`` for every ``name: (start, end)`` in ``wanted``.
+def read_ranges(manifest: Manifest, wanted: dict[str, tuple[int, int]],
+                keys: tuple[str, ...] = ("keep", "train")) -> dict[str, tuple[torch.Tensor, ...]]:
+    """The bit masks ``keys`` (default (keep, train)) over ``[start, end)`` for every ``name: (start, end)``
+    in ``wanted``.
 
     Opens only the files that overlap a wanted range, verifies each one's checksum first, and reads
     only the overlapping bytes.
     """
-    out = {n: (torch.zeros(b - a, dtype=torch.bool), torch.zeros(b - a, dtype=torch.bool))
-           for n, (a, b) in wanted.items()}
+    out = {n: tuple(torch.zeros(b - a, dtype=torch.bool) for _ in keys) for n, (a, b) in wanted.items()}
     for f in manifest.files:
         todo = []
         for name, (start, end) in wanted.items():
@@ -310,9 +339,8 @@ def read_ranges(manifest: Manifest, wanted: dict[str, tuple[int, int]]) -> dict[
             continue
         with safe_open(verify_file(manifest, f), framework="pt") as handle:
             for name, a, b, fa, start in todo:
-                keep, train = out[name]
-                keep[a - start : b - start] = _read_bits(handle, f"{name}.keep", a - fa, b - fa)
-                train[a - start : b - start] = _read_bits(handle, f"{name}.train", a - fa, b - fa)
+                for key, dst in zip(keys, out[name]):
+                    dst[a - start : b - start] = _read_bits(handle, f"{name}.{key}", a - fa, b - fa)
     return out
 
 
@@ -438,7 +466,8 @@ def load_dimred_state(manager, directory: str | os.PathLike) -> Manifest:
                 f"{manifest.directory} was saved by method {manifest.recipe.get('method')!r}, this run uses "
                 f"{manager.recipe.method!r}"
             )
-        masks = read_ranges(manifest, {n: (v.start, v.end) for n, v in views.items() if v.local_numel})
+        keys = ("keep", "train", "ever") if manifest.ever and manager.ever is not None else ("keep", "train")
+        masks = read_ranges(manifest, {n: (v.start, v.end) for n, v in views.items() if v.local_numel}, keys)
         tensors = {}
         for key, meta in manifest.tensors.items():
             mine = {n: manager.ctx.view_of(n) for n in meta["params"]}
@@ -454,17 +483,19 @@ def load_dimred_state(manager, directory: str | os.PathLike) -> Manifest:
         raise CheckpointError(f"another rank failed to load the dimred checkpoint {directory}; see its error")
     if manifest.recipe != json.loads(json.dumps(manager.recipe.to_dict())):
         logger.warning("dimred: the recipe saved in %s differs from this run's recipe; this run's applies", directory)
-    sd = {}
+    sd, ever = {}, {}
     for name, v in views.items():
-        keep, train = masks.get(name, (torch.zeros(0, dtype=torch.bool), torch.zeros(0, dtype=torch.bool)))
+        keep, train, *seen = masks.get(name, tuple(torch.zeros(0, dtype=torch.bool) for _ in keys))
         device = manager.state[name].keep.device
+        if seen:
+            ever[name] = pack_bits(seen[0])
         sd.update({f"{name}.keep": keep.to(device), f"{name}.train": train.to(device),
                    f"{name}.range": torch.tensor([v.start, v.end]),
                    f"{name}.shape": torch.tensor(v.shape, dtype=torch.int64)})
     devices = {n: manager.ctx.view_of(n).weight().device for per in tensors.values() for n in per}
     tensors = {k: {n: t.to(devices[n]) for n, t in per.items()} for k, per in tensors.items()}
     manager.load_state_dict({"step": manifest.step, "masks": sd, **manager.split_plain(manifest.method_state),
-                             "tensors": tensors})
+                             "tensors": tensors, **({"ever": ever} if ever else {})})
     topo = manager.adapter.topology
     logger.info(
         "dimred: restored the topology of step %d saved by %d ranks at ZeRO stage %d (now %d ranks, stage %d)",

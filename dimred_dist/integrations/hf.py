@@ -92,7 +92,7 @@ class DimRedCallback(TrainerCallback):
         _move_to_front(self)
         _before_console(ConsoleMetrics(), self)
         self._trainer = _find_on_stack(lambda obj: hasattr(obj, "accelerator") and hasattr(obj, "callback_handler"))
-        self._resume = TrainerResume(self._trainer)
+        self._resume = TrainerResume(self._trainer, save=self._save_into)
         if self.recipe.freeze:
             names = freeze_whole_tensors(model, self.recipe.freeze)
             logger.info("dimred: froze %d whole tensors before the optimizer is built", len(names))
@@ -148,10 +148,17 @@ class DimRedCallback(TrainerCallback):
             load_dimred_state(manager, checkpoint)  # before attach: the optimizer gets the saved masks
         return manager
 
-    def on_save(self, args, state, control, **kwargs):
+    def _save_into(self, folder: Path) -> None:
         # Every rank writes its own file into the folder the Trainer just wrote.
         if self.manager is not None:
-            save_dimred_state(self.manager, Path(args.output_dir) / f"checkpoint-{state.global_step}")
+            save_dimred_state(self.manager, folder, record_checkpoint=True)
+
+    def on_save(self, args, state, control, **kwargs):
+        # Without the Trainer's _save_checkpoint wrapped (another transformers version), here: after the
+        # Trainer's rotation of older checkpoints.
+        resume = getattr(self, "_resume", None)
+        if resume is None or resume.saved_step != state.global_step:
+            self._save_into(Path(args.output_dir) / f"checkpoint-{state.global_step}")
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         # Every rank logs (metrics() holds a collective); the Trainer appended a copy of ``logs`` to

@@ -1,12 +1,24 @@
 """Resuming a Trainer run together with its dimred state, at the same or another world size / ZeRO stage.
 
 Which checkpoint: exactly the one the Trainer resumes from (``trainer.train(resume_from_checkpoint=
-path or True)``). Callbacks are not told that path, so :class:`TrainerResume` wraps two methods of
-the Trainer instance: ``train``, to check before anything is loaded that the checkpoint holds a
-dimred state of this model, and ``_prepare_for_training(max_steps, train_dataloader,
-resume_from_checkpoint)``, which receives the resolved path just before the Trainer loads the
-checkpoint. If the latter is missing (another transformers version), the fallback is
-``{output_dir}/checkpoint-{global_step}`` when the Trainer state says it resumed.
+path or True)``). Callbacks are not told that path, so :class:`TrainerResume` wraps three methods of
+the Trainer instance:
+
+* ``train``: before anything is loaded, ``True`` becomes the newest **complete** checkpoint of
+  ``output_dir`` (newer ones whose save was cut short, or whose files changed since, are named in
+  a warning and skipped), and the checkpoint is verified: the dimred manifest is there, every file
+  the Trainer and DeepSpeed will load has the SHA-256 recorded at save time and no other file was
+  added (:mod:`dimred_dist.distributed.integrity`), the manifest's step equals the Trainer's
+  ``global_step`` in ``trainer_state.json``, and the saved parameters belong to this model;
+* ``_prepare_for_training(max_steps, train_dataloader, resume_from_checkpoint)``, which receives the
+  resolved path just before the Trainer loads the checkpoint. If it is missing (another
+  transformers version), the fallback is ``{output_dir}/checkpoint-{global_step}`` when the Trainer
+  state says it resumed;
+* ``_save_checkpoint``: the dimred state is written right after the Trainer's files and *before* the
+  Trainer deletes older checkpoints (``save_total_limit``), so a crash at any moment of a save leaves
+  at least one complete checkpoint. ``checkpoint-N`` folders later than the resume point that hold
+  no dimred manifest (cut short) are renamed ``incomplete-checkpoint-N`` at the start of training,
+  so neither the Trainer's rotation nor a later resume takes them for checkpoints.
 
 Same world size and ZeRO stage family (1 and 2 partition alike; replicated runs at any world size):
 the Trainer loads everything as usual (DeepSpeed's checkpoint holds the compact optimizer state) and
@@ -27,6 +39,7 @@ from __future__ import annotations
 
 import inspect
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +47,20 @@ import torch
 
 from dimred_dist.core.logging import get_logger
 from dimred_dist.distributed.checkpoint import (
-    DIMRED_DIR, MANIFEST, CheckpointError, Manifest, check_model, read_manifest, same_partitioning,
+    DIMRED_DIR,
+    MANIFEST,
+    CheckpointError,
+    Manifest,
+    check_model,
+    read_manifest,
+    same_partitioning,
+)
+from dimred_dist.distributed.integrity import (
+    checkpoint_problem,
+    incomplete_later,
+    newest_complete,
+    set_aside,
+    trainer_step,
 )
 
 logger = get_logger(__name__)
@@ -49,14 +75,20 @@ class TrainerResume:
 
     Args:
         trainer: The Trainer (found by the callback in ``on_init_end``), or None.
+        save: Called with the checkpoint folder on every rank once the Trainer wrote its files there,
+            before older checkpoints are deleted (writes the dimred state).
     """
 
-    def __init__(self, trainer: Any | None) -> None:
+    def __init__(self, trainer: Any | None, save: Callable[[Path], None] | None = None) -> None:
         self.trainer = trainer
         self.checkpoint: str | None = None
         self.manifest: Manifest | None = None
         self.repartitioned = False
         self.installed = False
+        #: The Trainer step of the latest checkpoint whose dimred state the ``_save_checkpoint`` wrapper wrote.
+        self.saved_step: int | None = None
+        if save is not None and _signature(getattr(trainer, "_save_checkpoint", None))[:2] == ["model", "trial"]:
+            self._wrap_save(save)
         orig = getattr(trainer, "_prepare_for_training", None)
         if orig is None or list(inspect.signature(orig).parameters)[:3] != _SIGNATURE:
             if trainer is not None:
@@ -72,8 +104,7 @@ class TrainerResume:
         orig_train = trainer.train
 
         def train(resume_from_checkpoint=None, *args, **kwargs):
-            self._validate(resume_from_checkpoint)
-            return orig_train(resume_from_checkpoint, *args, **kwargs)
+            return orig_train(self._validate(resume_from_checkpoint), *args, **kwargs)
 
         trainer._prepare_for_training = _prepare_for_training
         trainer.train = train
@@ -86,6 +117,7 @@ class TrainerResume:
         ``output_dir`` that already hold a dimred state (the Trainer would overwrite them silently).
         """
         _check_no_later_checkpoints(args, state)
+        _set_aside_incomplete(args, state)
         if self.installed:
             return self.checkpoint
         if state.global_step > 0:
@@ -99,19 +131,58 @@ class TrainerResume:
         return None
 
     # ---- the wrapped methods -------------------------------------------------------------
-    def _validate(self, resume: str | bool | None) -> None:
-        """Before the Trainer loads anything: the checkpoint has a dimred state saved for this model."""
+    def _validate(self, resume: str | bool | None) -> str | bool | None:
+        """Before the Trainer loads anything: the checkpoint to resume from (``True`` resolved to the newest
+        complete one), verified whole, at the Trainer's step, and saved for this model."""
         if isinstance(resume, bool):
             if not resume:
-                return
-            from transformers.trainer_utils import get_last_checkpoint
-
-            resume = get_last_checkpoint(self.trainer.args.output_dir)
+                return resume
+            resume = self._newest_complete(self.trainer.args.output_dir)
         if resume is None:
-            return  # a fresh run, or the Trainer reports the missing checkpoint itself
+            return None  # a fresh run
+        problem = checkpoint_problem(resume)
+        if problem is not None:
+            raise CheckpointError(f"cannot resume from {resume}: {problem}")
         manifest = read_manifest(resume)
+        step = trainer_step(resume)
+        if step is not None and step != manifest.step:
+            raise CheckpointError(
+                f"cannot resume from {resume}: its dimred state is of step {manifest.step} but the Trainer's "
+                f"trainer_state.json is at step {step} (a manifest copied from another checkpoint?)"
+            )
         shapes = {n: tuple(getattr(p, "ds_shape", p.shape)) for n, p in self.trainer.model.named_parameters()}
         check_model(manifest, shapes, managed=False)
+        return os.fspath(resume)
+
+    @staticmethod
+    def _newest_complete(output_dir: str) -> str:
+        best, skipped = newest_complete(output_dir)
+        for path, why in skipped:
+            logger.warning("dimred: resume_from_checkpoint=True skips %s: %s", path, why)
+        if best is None:
+            detail = f"; the newest, {skipped[0][0].name}: {skipped[0][1]}" if skipped else ""
+            raise CheckpointError(f"resume_from_checkpoint=True: no complete checkpoint in {output_dir}{detail}")
+        logger.info("dimred: resuming from %s, the newest complete checkpoint", best)
+        return os.fspath(best)
+
+    def _wrap_save(self, save: Callable[[Path], None]) -> None:
+        t = self.trainer
+        orig = t._save_checkpoint
+
+        def _save_checkpoint(model, trial, *args, **kwargs):
+            limit = t.args.save_total_limit
+            t.args.save_total_limit = None  # the Trainer's rotation waits until the dimred state is whole
+            try:
+                orig(model, trial, *args, **kwargs)
+            finally:
+                t.args.save_total_limit = limit
+            run_dir = Path(t._get_output_dir(trial=trial)) if hasattr(t, "_get_output_dir") else Path(t.args.output_dir)
+            save(run_dir / f"checkpoint-{t.state.global_step}")
+            self.saved_step = t.state.global_step
+            if limit and t.args.should_save:
+                _rotate(t, run_dir, limit)
+
+        t._save_checkpoint = _save_checkpoint
 
     def _prepare(self, orig, max_steps, train_dataloader, resume, *args, **kwargs):
         self.checkpoint = None if resume is None else os.fspath(resume)
@@ -159,6 +230,36 @@ class TrainerResume:
             sched.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
         else:
             logger.warning("dimred: %s not found; the LR scheduler restarts from step 0", path)
+
+
+def _signature(fn: Any) -> list[str]:
+    try:
+        return list(inspect.signature(fn).parameters) if fn is not None else []
+    except (TypeError, ValueError):
+        return []
+
+
+def _rotate(trainer: Any, run_dir: Path, limit: int) -> None:
+    """The Trainer's deletion of older checkpoints, as ``_save_checkpoint`` would have run it."""
+    try:
+        from transformers.trainer_utils import rotate_checkpoints
+    except ImportError:  # transformers 4: a Trainer method
+        trainer._rotate_checkpoints(use_mtime=True, output_dir=str(run_dir))
+        return
+    rotate_checkpoints(output_dir=str(run_dir), save_total_limit=limit,
+                       best_model_checkpoint=trainer.state.best_model_checkpoint, use_mtime=True)
+
+
+def _set_aside_incomplete(args: Any, state: Any) -> None:
+    """Rank 0 renames ``checkpoint-N`` folders after this run's start that hold no dimred manifest."""
+    if str(getattr(args.save_strategy, "value", args.save_strategy)) == "no":
+        return
+    if state.is_world_process_zero:
+        for path in incomplete_later(args.output_dir, state.global_step):
+            logger.warning("dimred: %s holds no complete dimred state (its save was cut short); renamed to %s",
+                           path, set_aside(path).name)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
 
 
 def _check_no_later_checkpoints(args: Any, state: Any) -> None:

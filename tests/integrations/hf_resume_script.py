@@ -1,9 +1,13 @@
 """Trainer runs that save and resume the dimred state; launched by tests/integrations/test_hf_resume.py.
 
-    deepspeed --num_gpus 2 hf_resume_script.py equality --out DIR --zero-config zero2.json
-        A: interrupted after K steps (max_steps N, checkpoint-K saved); B: uninterrupted N steps;
-        C: resumed from A's checkpoint-K. Compares C with B (masks, compact optimizer state,
-        weights, losses after K, manager step).
+    torchrun --nproc_per_node 2 hf_resume_script.py crash --attempt A --out DIR --zero-config zero2.json
+        N steps, a checkpoint every 2, three runs each killed by SIGKILL once and resumed with
+        ``resume_from_checkpoint=True`` by the next attempt (A = 0, 1, 2, 3: four launches, as a job
+        scheduler would relaunch; each on its own port):
+        L (save_total_limit=1) killed on rank 1 as it starts writing the dimred state of checkpoint-4;
+        U killed on rank 0 in step 5, after its backward; W killed on rank 0 while the manifest of
+        checkpoint-6 is being written. The last attempt also trains R uninterrupted and compares each
+        run's final masks, weights, compact optimizer state, losses and metric counters with R's.
     [deepspeed --num_gpus 2] hf_resume_script.py resume --out DIR --resume CKPT [--zero-config Z]
         Resumes from CKPT (any world size / stage), compares the masks and weights right after the
         resume with the checkpoint's, trains to N and saves checkpoints every 2 steps.
@@ -20,7 +24,7 @@ import argparse
 import json
 import os
 import shutil
-import time
+import signal
 from pathlib import Path
 
 import torch
@@ -34,15 +38,6 @@ from dimred_dist.distributed.weights import full_state_dict
 from dimred_dist.integrations.hf import DimRedCallback, compact_optimizer
 
 K, N = 4, 8
-
-
-class StopAt(TrainerCallback):
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step >= self.step:
-            control.should_training_stop = True
 
 
 class Probe(TrainerCallback):
@@ -61,8 +56,8 @@ def snapshot(mgr) -> dict:
             for n, v in mgr.views.items()}
 
 
-def build(out: Path, zero_config: str | None, n_embd: int = 32, stop: int | None = None, save_steps: int = K,
-          steps: int = N):
+def build(out: Path, zero_config: str | None, n_embd: int = 32, save_steps: int = K,
+          steps: int = N, extra: list | None = None, **training):
     torch.manual_seed(0)
     model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=n_embd, n_head=2, n_positions=16, vocab_size=61))
     ids = torch.randint(0, 61, (64, 16), generator=torch.Generator().manual_seed(1))
@@ -70,12 +65,12 @@ def build(out: Path, zero_config: str | None, n_embd: int = 32, stop: int | None
     args = TrainingArguments(
         output_dir=str(out), max_steps=steps, per_device_train_batch_size=2, learning_rate=1e-3, logging_steps=1,
         save_strategy="steps", save_steps=save_steps, report_to=[], use_cpu=True, deepspeed=zero_config,
-        disable_tqdm=True, max_grad_norm=1.0, seed=0, data_seed=0,
+        disable_tqdm=True, max_grad_norm=1.0, seed=0, data_seed=0, **training,
     )
     recipe = dimred_dist.load_recipe({"method": "rigl", "sparsity": 0.8, "args": {"update_interval": 2}})
     dimred = DimRedCallback(recipe)
     probe = Probe(dimred)
-    callbacks = [dimred, probe] + ([StopAt(stop)] if stop else [])
+    callbacks = [dimred, probe] + (extra or [])
     trainer = Trainer(model=model, args=args, train_dataset=ds, callbacks=callbacks,
                       optimizer_cls_and_kwargs=compact_optimizer(args))
     return trainer, dimred, probe
@@ -98,34 +93,90 @@ def equal(a: dict, b: dict) -> bool:
 
 
 def rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
+    return dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))
 
 
-def equality(a) -> dict:
-    out = Path(a.out)
-    t0 = time.perf_counter()
-    ta, _, _ = build(out / "A", a.zero_config, stop=K)
-    ta.train()
-    t1 = time.perf_counter()
-    tb, db, _ = build(out / "B", a.zero_config)
-    tb.train()
-    b_final, b_opt, b_losses = snapshot(db.manager), opt_state(tb), losses_after(tb, K)
-    t2 = time.perf_counter()
-    tc, dc, pc = build(out / "C", a.zero_config)
-    tc.train(resume_from_checkpoint=str(out / "A" / f"checkpoint-{K}"))
-    seconds = [t1 - t0, t2 - t1, time.perf_counter() - t2]
-    c_final, c_opt = snapshot(dc.manager), opt_state(tc)
-    saved = read_full_masks(out / "A" / f"checkpoint-{K}")
-    return {
-        "steps": [ta.state.global_step, tb.state.global_step, tc.state.global_step, db.manager.step, dc.manager.step],
-        "begin_masks_equal_saved": masks_match(pc.begin, saved),
-        "final_masks_equal": all(torch.equal(b_final[n][i], c_final[n][i]) for n in b_final for i in (2, 3)),
-        "final_weights_equal": all(torch.equal(b_final[n][4], c_final[n][4]) for n in b_final),
-        "opt_state_equal": equal(b_opt, c_opt), "opt_state_keys": len(b_opt),
-        "mask_bits_dtypes": sorted({str(v.dtype) for k, v in c_opt.items() if k.endswith("mask_bits")}),
-        "losses_uninterrupted": b_losses, "losses_resumed": losses_after(tc, K),
-        "churn_after_resume": dc.manager.metrics().get("dimred/churn", 0.0), "seconds": seconds,
-    }
+class KillInStep(TrainerCallback):
+    """SIGKILL this process after the backward of the step that follows ``global_step == step``."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def kill_when(module, name: str, folder: str, arg: int) -> None:
+    """Replace ``module.name`` by a function that SIGKILLs this process when its argument ``arg`` is ``.../folder``."""
+    orig = getattr(module, name)
+
+    def wrapped(*args, **kwargs):
+        if Path(args[arg]).name == folder:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return orig(*args, **kwargs)
+
+    setattr(module, name, wrapped)
+
+
+def final_state(trainer, dimred) -> dict:
+    mgr = dimred.manager
+    metrics = mgr.metrics()
+    return {"snapshot": snapshot(mgr), "opt": opt_state(trainer), "losses": losses_after(trainer, 0),
+            "counters": {k: v for k, v in metrics.items() if k in COUNTERS}, "steps": [trainer.state.global_step,
+                                                                                        mgr.step],
+            "resumed_from": None if dimred._resume.checkpoint is None else Path(dimred._resume.checkpoint).name}
+
+
+COUNTERS = ("dimred/topology_updates", "dimred/churn", "dimred/last_update_step", "dimred/itop_rate",
+            "dimred/drop_fraction")
+
+
+def crash(a) -> dict | None:
+    """One attempt of the elastic chain (see the module docstring); the last returns the comparison."""
+    import dimred_dist.distributed.checkpoint as ckpt
+    import dimred_dist.integrations.hf as hf
+
+    out, attempt, z = Path(a.out), a.attempt, a.zero_config
+    kw = {"save_steps": 2}
+
+    def resume_and_keep(label: str, **training) -> None:
+        t, d, _ = build(out / label, z, **kw, **training)
+        t.train(resume_from_checkpoint=True)
+        torch.save(final_state(t, d), out / f"{label}_rank{rank()}.pt")
+
+    if attempt == 0:
+        if rank() == 1:
+            kill_when(hf, "save_dimred_state", "checkpoint-4", 1)
+        build(out / "L", z, **kw, save_total_limit=1)[0].train()
+    elif attempt == 1:
+        resume_and_keep("L", save_total_limit=1)
+        build(out / "U", z, **kw, extra=[KillInStep(4)] if rank() == 0 else [])[0].train()
+    elif attempt == 2:
+        resume_and_keep("U")
+        if rank() == 0:
+            kill_when(ckpt, "hash_tree", "checkpoint-6", 0)
+        build(out / "W", z, **kw)[0].train()
+    else:
+        resume_and_keep("W")
+        t, d, _ = build(out / "R", z, **kw)
+        t.train()
+        ref = final_state(t, d)
+        result = {"attempt": attempt, "ref_counters": ref["counters"], "ref_losses": ref["losses"]}
+        for label in ("L", "U", "W"):
+            got = torch.load(out / f"{label}_rank{rank()}.pt", weights_only=False)
+            result[label] = {
+                "resumed_from": got["resumed_from"], "steps": got["steps"], "losses": got["losses"],
+                "counters": got["counters"],
+                "masks_equal": all(torch.equal(ref["snapshot"][n][i], got["snapshot"][n][i])
+                                   for n in ref["snapshot"] for i in (2, 3)),
+                "weights_equal": all(torch.equal(ref["snapshot"][n][4], got["snapshot"][n][4])
+                                     for n in ref["snapshot"]),
+                "opt_state_equal": equal(ref["opt"], got["opt"]), "opt_state_keys": len(got["opt"]),
+                "folders": sorted(p.name for p in (out / label).iterdir() if p.is_dir()),
+            }
+        return result
+    return None
 
 
 def masks_match(begin: dict, saved: dict) -> bool:
@@ -182,11 +233,12 @@ def errors(out: Path, src: Path) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("mode", choices=["equality", "resume"])
+    p.add_argument("mode", choices=["resume", "crash"])
     p.add_argument("--out", required=True)
     p.add_argument("--zero-config", default=None)
     p.add_argument("--resume", default=None)
     p.add_argument("--steps", type=int, default=N)
+    p.add_argument("--attempt", type=int, default=0)
     p.add_argument("--errors", action="store_true")
     p.add_argument("--local_rank", type=int, default=-1)
     a = p.parse_args()
@@ -194,7 +246,7 @@ def main() -> None:
         import faulthandler
 
         faulthandler.dump_traceback_later(float(os.environ["DIMRED_HANG_DUMP_S"]), exit=True)
-    result = {"equality": equality, "resume": resume}[a.mode](a)
+    result = {"resume": resume, "crash": crash}[a.mode](a)
     if a.errors:
         result["errors"] = errors(Path(a.out) / "errors", Path(a.resume))
     Path(a.out).mkdir(parents=True, exist_ok=True)

@@ -1,13 +1,16 @@
-"""Trainer checkpoints carry the dimred state; resuming is exact, and survives a change of world size / stage.
+"""Trainer checkpoints carry the dimred state; a killed run resumes exactly, also on another world size / stage.
 
 Real processes (tests/integrations/hf_resume_script.py), a tiny GPT-2 with RigL at 80% sparsity:
 
-* 2 ranks, ZeRO-2 (deepspeed launcher): a run interrupted after step 4 and resumed from
-  checkpoint-4 ends with the same masks, compact optimizer state, weights and losses as an
-  uninterrupted run;
-* that ZeRO-2 checkpoint resumed by one plain process, whose checkpoint is then resumed by 2 ranks
-  under ZeRO-3: right after each resume the masks and weights equal the saved ones, training goes on
-  with pruned entries at 0 and the LR schedule where it was;
+* 2 ranks, ZeRO-2 (torchrun), four launches as a job scheduler would relaunch: a run with
+  save_total_limit=1 killed by SIGKILL as it starts writing the dimred state of checkpoint-4, a run
+  killed in step 5 after its backward, and one killed while writing the manifest of checkpoint-6,
+  each resumed with ``resume_from_checkpoint=True``: each continues from its newest *complete*
+  checkpoint (the cut-short one is skipped and renamed ``incomplete-checkpoint-N``) and ends with the
+  same masks, weights, compact optimizer state, losses and metric counters as an uninterrupted run;
+* an uninterrupted ZeRO-2 checkpoint resumed by one plain process, whose checkpoint is then resumed
+  by 2 ranks under ZeRO-3: right after each resume the masks and weights equal the saved ones,
+  training goes on with pruned entries at 0 and the LR schedule where it was;
 * a corrupted checkpoint, a checkpoint of another model, and a fresh run whose output_dir already
   holds a later dimred checkpoint raise before any step and write nothing.
 """
@@ -21,51 +24,83 @@ from pathlib import Path
 import pytest
 
 from dimred_dist.distributed.checkpoint import read_manifest
-from tests.launch import BIN, REPO, run_launcher
+from tests.launch import REPO, run_launcher
 
 SCRIPT = REPO / "tests" / "integrations" / "hf_resume_script.py"
 
 pytestmark = pytest.mark.distributed
 
 
-def _run(mode: str, out: Path, *extra: str, port: int | None = None, zero: Path | None = None) -> list[dict]:
+def _run(mode: str, out: Path, *extra: str, port: int | None = None, zero: Path | None = None,
+         check: bool = True) -> list[dict]:
     args = [str(SCRIPT), mode, "--out", str(out), *extra] + (["--zero-config", str(zero)] if zero else [])
     if port is None:
         cmd, ranks = [sys.executable, *args], 1
     else:
-        cmd, ranks = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(port), *args], 2
+        cmd, ranks = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                      str(port), *args], 2
     proc = run_launcher(cmd, port, timeout=300, WANDB_MODE="disabled")
+    if not check:
+        return [{"rc": proc.returncode, "log": proc.stdout + proc.stderr}]
     paths = [out / f"result_rank{r}.json" for r in range(ranks)]
     assert all(p.is_file() for p in paths), proc.stdout[-3000:] + proc.stderr[-3000:]
     return [json.loads(p.read_text()) for p in paths]
 
 
 @pytest.fixture(scope="module")
-def zero2_runs(tmp_path_factory):
-    out = tmp_path_factory.mktemp("zero2")
-    return out, _run("equality", out, port=29631, zero=REPO / "configs" / "deepspeed" / "zero2.json")
+def crashed(tmp_path_factory):
+    """Attempts 0-2 are each killed once; attempt 3 finishes the last run and trains the reference R."""
+    out = tmp_path_factory.mktemp("crash")
+    zero = REPO / "configs" / "deepspeed" / "zero2.json"
+    runs = [_run("crash", out, "--attempt", str(a), port=29631 + a, zero=zero, check=False)[0] for a in range(4)]
+    assert [r["rc"] != 0 for r in runs] == [True, True, True, False], runs[-1]["log"][-3000:]
+    ranks = [json.loads((out / f"result_rank{r}.json").read_text()) for r in (0, 1)]
+    return out, runs, ranks
+
+
+@pytest.mark.parametrize("label,resumed_from,set_aside", [
+    ("L", "checkpoint-2", "incomplete-checkpoint-4"),  # save_total_limit=1: checkpoint-2 was not deleted yet
+    ("U", "checkpoint-4", None),
+    ("W", "checkpoint-4", "incomplete-checkpoint-6"),
+], ids=["killed writing dimred state, save_total_limit=1", "killed mid-step", "killed writing the manifest"])
+def test_a_killed_zero2_run_resumes_from_its_newest_complete_checkpoint_exactly(crashed, label, resumed_from,
+                                                                                 set_aside):
+    out, runs, ranks = crashed
+    log = "".join(k["log"] for k in runs)
+    if set_aside:
+        skipped = set_aside.removeprefix("incomplete-")
+        assert f"resume_from_checkpoint=True skips {out / label / skipped}" in log
+        assert f"{out / label / skipped} holds no complete dimred state" in log
+    for r in ranks:
+        got = r[label]
+        assert got["resumed_from"] == resumed_from and got["steps"] == [8, 8]
+        assert got["masks_equal"] and got["weights_equal"]
+        assert got["opt_state_equal"] and got["opt_state_keys"] > 0
+        assert got["losses"] == r["ref_losses"] and len(got["losses"]) == 8  # bit for bit, history included
+        assert got["counters"] == r["ref_counters"] and r["ref_counters"]["dimred/topology_updates"] == 2
+        assert r["ref_counters"]["dimred/churn"] > 0  # RigL updated the topology after the resume points
+        assert (set_aside in got["folders"]) if set_aside else not any("incomplete" in f for f in got["folders"])
+    if label == "L":
+        assert [f for f in ranks[0]["L"]["folders"] if f.startswith("checkpoint-")] == ["checkpoint-8"]
+
+
+@pytest.fixture(scope="module")
+def zero2_runs(crashed):
+    """The uninterrupted ZeRO-2 run R of the crash chain, with a checkpoint every 2 steps."""
+    return crashed[0] / "R", crashed[2]
 
 
 @pytest.fixture(scope="module")
 def one_process(zero2_runs):
     out = zero2_runs[0] / "one_process"
-    return out, _run("resume", out, "--resume", str(zero2_runs[0] / "A" / "checkpoint-4"), "--errors")[0]
+    return out, _run("resume", out, "--resume", str(zero2_runs[0] / "checkpoint-4"), "--errors")[0]
 
 
-def test_interrupted_zero2_run_resumes_exactly(zero2_runs):
-    out, ranks = zero2_runs
-    manifest = read_manifest(out / "A" / "checkpoint-4")
+def test_zero2_checkpoint_resumes_in_one_process(zero2_runs, one_process):
+    manifest = read_manifest(zero2_runs[0] / "checkpoint-4")
     assert (manifest.world_size, manifest.zero_stage, manifest.step) == (2, 2, 4)
-    for r in ranks:
-        assert r["steps"] == [4, 8, 8, 8, 8]
-        assert r["begin_masks_equal_saved"]
-        assert r["final_masks_equal"] and r["final_weights_equal"]
-        assert r["opt_state_equal"] and r["opt_state_keys"] > 0 and r["mask_bits_dtypes"] == ["torch.uint8"]
-        assert r["losses_resumed"] == r["losses_uninterrupted"] and len(r["losses_resumed"]) == 4
-        assert r["churn_after_resume"] > 0  # RigL kept updating the topology after the resume
-
-
-def test_zero2_checkpoint_resumes_in_one_process(one_process):
+    assert "trainer_state.json" in manifest.checkpoint_files  # and every DeepSpeed file, verified on resume
+    assert any(f.startswith("global_step4/") for f in manifest.checkpoint_files)
     out, r = one_process
     assert (r["world_size"], r["zero_stage"], r["start"]) == (1, 0, 4)
     assert r["begin_masks_equal_saved"] and r["begin_weights_equal_saved"]
