@@ -32,10 +32,10 @@ import torch
 import torch.nn as nn
 
 from dimred_dist.core.config import Recipe
-from dimred_dist.core.distributions import keep_counts, layer_densities
+from dimred_dist.core.distributions import check_no_empty_layers, keep_counts, layer_densities
 from dimred_dist.core.logging import get_logger
 from dimred_dist.core.registry import get_method
-from dimred_dist.core.state import DimRedState, ParamState
+from dimred_dist.core.state import DimRedState, ElementState, ParamState
 from dimred_dist.core.targets import select_parameters
 from dimred_dist.distributed.adapter import ReplicatedAdapter
 from dimred_dist.distributed.probe import ProbeData, Prober
@@ -86,6 +86,11 @@ class DimRedManager:
         #: does not apply the step (the adapters drop the gradients it would see).
         self.skipping = False
         self._lr_saved: dict[str, dict[str, Any]] = {}
+        #: Steps with non-finite gradients: in a row up to the latest step, and in all; topology updates
+        #: skipped because of them (the method neither observes nor updates such a step).
+        self.nonfinite_streak = 0
+        self.nonfinite_steps = 0
+        self.skipped_updates = 0
 
     # ---- set-up --------------------------------------------------------------------------
     def prepare(self, *, resuming: bool = False, probe: ProbeData | None = None) -> DimRedManager:
@@ -106,11 +111,15 @@ class DimRedManager:
         state = DimRedState({n: ParamState.dense(n, v.shape, v.start, v.end) for n, v in views.items()})
         shapes = {n: v.shape for n, v in views.items()}
         densities = layer_densities(self.recipe.distribution, shapes, self.recipe.density)
+        counts = keep_counts(densities, shapes)
+        check_no_empty_layers(counts, self.recipe.distribution, self.recipe.density,
+                              allow=self.recipe.allow_empty_layers,
+                              prunes=self.method.init_state == ElementState.PRUNE)
         self.ctx = MethodContext(
             views=views,
             state=state,
             coll=self.adapter.collectives,
-            keep_counts=keep_counts(densities, shapes),
+            keep_counts=counts,
             global_budget=self.recipe.distribution == "global",
             total_steps=self.total_steps,
             distribution=self.recipe.distribution,
@@ -178,9 +187,15 @@ class DimRedManager:
             return
         self._before_done = self.step
         ctx = self.ctx
-        self.method.observe(ctx, self.step)
-        t0 = time.perf_counter()
-        result = self.method.update(ctx, self.step)
+        result = None
+        if self._gradients_finite():
+            self.method.observe(ctx, self.step)
+            t0 = time.perf_counter()
+            result = self.method.update(ctx, self.step)
+        elif self.method.may_update(ctx, self.step):
+            self.skipped_updates += 1
+            logger.warning("dimred: step %d: non-finite gradients; the topology update of this step is skipped "
+                           "(masks unchanged)", self.step)
         if result is not None:
             seconds = time.perf_counter() - t0
             self.update_seconds += seconds
@@ -195,6 +210,20 @@ class DimRedManager:
         if held is not None:
             self._record_release(held - self.optimizer.state_bytes())
         self.mask_gradients()
+
+    def _gradients_finite(self) -> bool:
+        """Whether every managed gradient entry is finite on every rank (one 1-element all-reduce); updates
+        :attr:`nonfinite_streak`. A step whose gradients are not finite is not observed by the method."""
+        local = 0
+        for v in self.ctx.views.values():
+            g = v.grad()
+            if g is not None and not bool(torch.isfinite(g).all()):
+                local = 1
+                break
+        bad = int(self.adapter.check_collectives.all_reduce_max(torch.tensor([local]))[0])
+        self.nonfinite_streak = self.nonfinite_streak + 1 if bad else 0
+        self.nonfinite_steps += bad
+        return not bad
 
     def _record_release(self, local: int) -> None:
         """Add the optimizer-state bytes the latest update gave back (negative: took) to its history
@@ -379,6 +408,8 @@ class DimRedManager:
             self.ctx.state, list(self.ctx.views), self.ctx.coll, ever=self._ever, optimizer=self.optimizer,
             update_seconds=self.update_seconds, history=self.topology_history,
         )
+        out["dimred/nonfinite_steps"] = float(self.nonfinite_steps)
+        out["dimred/skipped_updates"] = float(self.skipped_updates)
         out.update(self.method.metrics())
         return out
 
@@ -409,7 +440,8 @@ class DimRedManager:
                 "counters": self._counters()}
 
     def _counters(self) -> dict[str, Any]:
-        return {"history": copy.deepcopy(self.topology_history), "update_seconds": self.update_seconds}
+        return {"history": copy.deepcopy(self.topology_history), "update_seconds": self.update_seconds,
+                "nonfinite_steps": self.nonfinite_steps, "skipped_updates": self.skipped_updates}
 
     @staticmethod
     def split_plain(plain: dict[str, Any]) -> dict[str, Any]:
@@ -433,6 +465,8 @@ class DimRedManager:
         if counters is not None:
             self.topology_history = [{k: float(v) for k, v in h.items()} for h in counters["history"]]
             self.update_seconds = float(counters["update_seconds"])
+            self.nonfinite_steps = int(counters.get("nonfinite_steps", 0))
+            self.skipped_updates = int(counters.get("skipped_updates", 0))
         if self._ever is not None:
             self._ever = EverActive(self.state)
             for name, bits in (sd.get("ever") or {}).items():

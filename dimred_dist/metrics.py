@@ -20,6 +20,8 @@ Keys (every value a float; ``<layer>`` is a managed parameter's name, in model o
   difference, summed over the ranks that share the parameters (one model copy);
   ``dimred/optimizer/rank_{state,dense,reclaimed}_bytes``: the same three on the rank that holds
   the most optimizer state (the per-rank memory that matters);
+* ``dimred/nonfinite_steps``, ``dimred/skipped_updates``: steps whose managed gradients held an inf or
+  NaN on some rank, and the topology updates skipped because of them (the masks stay as they were);
 * ``dimred/optimizer/released_bytes`` / ``rank_released_bytes`` (compact optimizers, from the first
   topology update on): optimizer-state bytes the latest update gave back, summed over ranks and the
   most on one rank (negative where it took more: regrowth into a denser layer).

@@ -28,11 +28,14 @@ import glob
 import inspect
 import json
 import os
+import re
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
 from dimred_dist.core.config import Recipe, build_dataclass, load_recipe, load_yaml, read_yaml_mapping
 from dimred_dist.core.registry import get_method
+from dimred_dist.core.typecheck import brief, describe, matches
 
 TASKS = ("causal-lm", "sequence-classification")
 FORMATS = ("text", "csv", "json")
@@ -86,6 +89,18 @@ class ModelConfig:
             raise FileNotFoundError(f"model.tokenizer: folder not found: {self.tokenizer}")
         if self.config is not None:
             self.hf_config()  # validates model_type and keys now
+
+    def meta_model(self) -> Any:
+        """The model with this config on the ``meta`` device: parameter names and shapes, no memory."""
+        import torch
+        from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+        auto = AutoModelForCausalLM if self.task == "causal-lm" else AutoModelForSequenceClassification
+        try:
+            with torch.device("meta"):
+                return auto.from_config(self.hf_config())
+        except (ValueError, TypeError, KeyError) as e:
+            raise ValueError(f"model: cannot build a {self.task} model from this config: {brief(str(e))}") from None
 
     def hf_config(self) -> Any:
         """The ``transformers`` config: built from ``config``, or read from the pretrained folder."""
@@ -201,6 +216,13 @@ class JobConfig:
             ``deepspeed`` launcher, torchrun and SLURM; under ``accelerate launch`` the accelerate
             config names the JSON (the two must agree); a plain ``python`` run ignores it.
         training: ``transformers.TrainingArguments`` keyword arguments; ``output_dir`` is required.
+            ``resume_from_checkpoint`` (a path, or true for the newest complete checkpoint of
+            ``output_dir``) resumes a run; a path is verified here (every file's checksum, its step,
+            its model), before anything is built.
+        max_nonfinite_steps: Optimizer steps in a row with non-finite gradients after which the run stops
+            as diverged (exit code 3, recorded in the summary); 0: never.
+        overwrite_output_dir: Allow a fresh run to replace the ``dimred_summary.json`` an earlier run left
+            in ``output_dir`` (refused otherwise; a resumed run replaces it).
     """
 
     model: ModelConfig
@@ -208,6 +230,8 @@ class JobConfig:
     recipe: Recipe
     deepspeed: str | None = None
     training: dict[str, Any]
+    overwrite_output_dir: bool = False
+    max_nonfinite_steps: int = 10
     deepspeed_config: dict[str, Any] | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
@@ -217,6 +241,8 @@ class JobConfig:
         if self.deepspeed is not None:
             self.deepspeed_config = read_deepspeed_json(self.deepspeed, "deepspeed")
         check_training_keys(self.training)
+        if self.max_nonfinite_steps < 0:
+            raise ValueError(f"max_nonfinite_steps must be >= 0, got {self.max_nonfinite_steps}")
         self._check_across_sections()
 
     def _check_across_sections(self) -> None:
@@ -239,6 +265,36 @@ class JobConfig:
             )
         if self.training.get("eval_strategy", "no") != "no" and not self.data.has_validation:
             raise ValueError("training.eval_strategy needs data.validation_files or data.validation_fraction")
+        from dimred_dist.core.preflight import check_recipe_on_model
+
+        model = self.model.meta_model()
+        check_recipe_on_model(self.recipe, model)
+        resume = self.training.get("resume_from_checkpoint")
+        if isinstance(resume, str):
+            check_resume_checkpoint(resume, model)
+        summary = os.path.join(self.training["output_dir"], "dimred_summary.json")
+        if os.path.exists(summary) and not resume and not self.overwrite_output_dir:
+            raise ValueError(f"training.output_dir: {summary} of an earlier run exists; use another output_dir, "
+                             "resume that run (training.resume_from_checkpoint), or set overwrite_output_dir: true")
+
+
+def check_resume_checkpoint(path: str, model: Any) -> None:
+    """A checkpoint to resume from: complete (every file's recorded checksum), at the Trainer's step, of ``model``."""
+    from dimred_dist.distributed.checkpoint import CheckpointError, check_model, read_manifest
+    from dimred_dist.distributed.integrity import checkpoint_problem, trainer_step
+
+    problem = checkpoint_problem(path)
+    if problem is not None:
+        raise ValueError(f"training.resume_from_checkpoint: cannot resume from {path}: {problem}")
+    manifest = read_manifest(path)
+    step = trainer_step(path)
+    if step is not None and step != manifest.step:
+        raise ValueError(f"training.resume_from_checkpoint: {path} holds a dimred state of step {manifest.step} but "
+                         f"its trainer_state.json is at step {step}")
+    try:
+        check_model(manifest, {n: tuple(p.shape) for n, p in model.named_parameters()}, managed=False)
+    except CheckpointError as e:
+        raise ValueError(f"training.resume_from_checkpoint: {e}") from None
 
 
 def _load_recipe(value: Any) -> Recipe:
@@ -249,7 +305,7 @@ def _load_recipe(value: Any) -> Recipe:
     try:
         return load_recipe(value)
     except (ValueError, TypeError) as e:
-        raise type(e)(f"recipe: {e}") from None
+        raise type(e)(str(e) if str(e).startswith("recipe") else f"recipe: {e}") from None
 
 
 def read_deepspeed_json(path: str, key: str) -> dict[str, Any]:
@@ -277,6 +333,19 @@ def training_defaults() -> dict[str, Any]:
     return out
 
 
+_FLOAT = re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?$")
+
+
+def training_types() -> dict[str, Any]:
+    """``TrainingArguments`` field annotations, by name (empty where they cannot be resolved)."""
+    from transformers import TrainingArguments
+
+    try:
+        return typing.get_type_hints(TrainingArguments)
+    except (NameError, TypeError):
+        return {}
+
+
 def check_training_keys(training: Any) -> None:
     """Reject keys ``TrainingArguments`` does not know, keys the CLI owns, and a missing ``output_dir``."""
     if not isinstance(training, dict):
@@ -288,12 +357,23 @@ def check_training_keys(training: Any) -> None:
     for key, why in RESERVED_TRAINING_KEYS.items():
         if key in training:
             raise ValueError(f"training.{key}: set by dimred-train; {why}")
-    for key, value in training.items():
+    hints = training_types()
+    for key, value in list(training.items()):
         if isinstance(value, bool) and isinstance(known[key], str):
             raise TypeError(
                 f"training.{key}: got the boolean {value}, expected a string; YAML reads unquoted no/yes/off/on as "
                 f'booleans: write "{"no" if not value else "yes"}"'
             )
+        hint = hints.get(key, Any)
+        if key == "resume_from_checkpoint" and isinstance(value, bool):
+            continue  # the Trainer takes true: the newest complete checkpoint
+        if matches(value, hint):
+            continue
+        if isinstance(value, str) and matches(1.0, hint) and _FLOAT.match(value.strip()):
+            training[key] = float(value)  # YAML 1.1 reads 1e-3 as a string; TrainingArguments would keep it one
+            if matches(training[key], hint):
+                continue
+        raise TypeError(f"training.{key} must be {describe(hint)} (transformers.TrainingArguments), got {brief(value)}")
     out = training.get("output_dir")
     if not isinstance(out, str) or not out:
         raise ValueError("training.output_dir is required (a folder path)")

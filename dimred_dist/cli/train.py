@@ -65,7 +65,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         logger.warning("dimred-train: started by plain python, so %s is not used (no distribution)", job.deepspeed)
     if args.check:
         return 0
-    run(job, plan, training_args, job_path=args.config)
+    from dimred_dist.integrations.hf import TrainingDiverged
+
+    try:
+        run(job, plan, training_args, job_path=args.config)
+    except TrainingDiverged as e:
+        print(f"dimred-train: {e}", file=sys.stderr)
+        if int(os.environ.get("RANK", "0")) == 0:
+            path = Path(training_args.output_dir, SUMMARY_FILE)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps({"job": args.config, "status": "diverged", "error": str(e),
+                                        "global_step": e.step}, indent=1))
+        return 3
     return 0
 
 
@@ -145,7 +156,7 @@ def run(job: JobConfig, plan: RunPlan, args: Any, *, job_path: str) -> dict[str,
         else:
             ds = data_mod.sequence_classification(raw, tokenizer, job.data, job.model.num_labels)
     model = build_model(job.model, ds.label_names, ds.pad_token_id)
-    callback = DimRedCallback(job.recipe)
+    callback = DimRedCallback(job.recipe, max_nonfinite_steps=job.max_nonfinite_steps)
     trainer = Trainer(
         model=model, args=args, train_dataset=ds.train, eval_dataset=ds.validation,
         data_collator=default_data_collator, callbacks=[callback], optimizer_cls_and_kwargs=compact_optimizer(args),
@@ -213,9 +224,10 @@ def summarize(trainer: Any, callback: Any, job: JobConfig, plan: RunPlan, *, job
         ranks = [None] * dist.get_world_size()
         dist.all_gather_object(ranks, rank)
     return {
-        "job": job_path, "launcher": plan.launcher, "world_size": plan.world_size, "deepspeed": plan.deepspeed_source,
+        "job": job_path, "status": "completed", "launcher": plan.launcher, "world_size": plan.world_size,
+        "deepspeed": plan.deepspeed_source,
         "zero_stage": stage, "engine": type(trainer.model_wrapped).__name__, "optimizer_chain": chain,
-        "inner_optimizer": chain[-1], "ranks": ranks, "recipe": job.recipe.to_dict(),
+        "inner_optimizer": chain[-1], "ranks": ranks, "recipe": mgr.recipe.to_dict(),
         "frozen_tensors": [n for n, p in model.named_parameters() if not p.requires_grad],
         # ZeRO-3 leaves each module parameter empty outside a gather; ds_numel is its full size.
         "trainable_parameters": sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad),

@@ -31,6 +31,7 @@ from dimred_dist.core.distributions import DISTRIBUTIONS
 from dimred_dist.core.registry import get_method
 from dimred_dist.core.schedules import Schedule, schedule_from_dict
 from dimred_dist.core.targets import TargetConfig
+from dimred_dist.core.typecheck import brief, check_fields
 
 #: Schedule values that recipes written for SET / RigL before schedules were a recipe section give
 #: in ``args``, with their name in a ``periodic`` schedule.
@@ -46,15 +47,17 @@ def build_dataclass(cls: type, data: Any, where: str) -> Any:
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise TypeError(f"{where}: expected a mapping, got {type(data).__name__}: {data!r}")
+        raise TypeError(f"{where}: expected a mapping, got {type(data).__name__}: {brief(data)}")
     names = {f.name for f in dataclasses.fields(cls) if f.init}
-    unknown = sorted(set(data) - names)
+    unknown = sorted(set(data) - names, key=str)
     if unknown:
-        raise ValueError(f"{where}: unknown key(s) {unknown}; valid keys: {sorted(names)}")
+        raise ValueError(f"{where}: unknown key(s) {brief(unknown)}; valid keys: {sorted(names)}")
     try:
-        return cls(**data)
+        obj = cls(**data)
     except TypeError as e:
         raise ValueError(f"{where}: {e}") from None
+    check_fields(obj, where)  # after the class's own checks, which name ranges too
+    return obj
 
 
 @dataclass(kw_only=True)
@@ -78,6 +81,8 @@ class Recipe:
         schedule: When the topology changes and to which density (:mod:`dimred_dist.core.schedules`):
             a mapping with a ``kind`` (``one_shot``, ``periodic``, ``cubic``, ``imp``) and its values;
             default: the method's own default schedule. Any method's scores work with any kind.
+        allow_empty_layers: Accept a per-layer budget that rounds to zero kept entries in some layer
+            (the whole layer pruned or frozen); refused by default, naming the layers.
         args: Method hyper-parameters; validated into the method's config dataclass. For backward
             compatibility ``update_interval``, ``drop_fraction``, ``end_fraction`` and ``decay`` given
             here move into a ``periodic`` schedule.
@@ -90,21 +95,24 @@ class Recipe:
     targets: TargetConfig = field(default_factory=TargetConfig)
     freeze: list[str] = field(default_factory=list)
     schedule: Any = None
+    allow_empty_layers: bool = False
     args: Any = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if isinstance(self.sparsity, bool) or not isinstance(self.sparsity, (int, float)):
-            raise TypeError(f"sparsity must be a number, got {self.sparsity!r}")
+            raise TypeError(f"sparsity must be a number, got {brief(self.sparsity)}")
         if not 0.0 <= float(self.sparsity) < 1.0:
             raise ValueError(f"sparsity must be in [0, 1), got {self.sparsity}")
         self.sparsity = float(self.sparsity)
         if self.distribution not in DISTRIBUTIONS:
-            raise ValueError(f"unknown sparsity distribution {self.distribution!r}; known: {', '.join(DISTRIBUTIONS)}")
+            raise ValueError(
+                f"unknown sparsity distribution {brief(self.distribution)}; known: {', '.join(DISTRIBUTIONS)}"
+            )
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
+            raise ValueError(f"seed must be a non-negative integer, got {brief(self.seed)}")
         self.targets = build_dataclass(TargetConfig, self.targets, "targets")
         if not isinstance(self.freeze, list) or not all(isinstance(p, str) for p in self.freeze):
-            raise TypeError(f"freeze must be a list of regular expressions, got {self.freeze!r}")
+            raise TypeError(f"freeze must be a list of regular expressions, got {brief(self.freeze)}")
         method_cls = get_method(self.method)
         self.method = method_cls.method_name
         self.schedule, self.args = _split_legacy_schedule(self.schedule, self.args, method_cls)
@@ -179,9 +187,28 @@ def load_recipe(source: str | os.PathLike | dict) -> Recipe:
     return recipe_from_dict(read_yaml_mapping(path, "recipe"), where=path)
 
 
+#: Nodes a YAML document may hold once its aliases (``*name``) are expanded: recipes and jobs hold a
+#: few hundred, and nested aliases expand exponentially ("billion laughs"), which anything that walks
+#: or copies the data (an error message, ``dataclasses.asdict``) would then pay for.
+MAX_YAML_NODES = 100_000
+
+
 class YamlLoader(yaml.SafeLoader):
     """``yaml.SafeLoader`` that also reads ``1e-4`` as a number, as YAML 1.2 and Python do (YAML 1.1,
     PyYAML's default, wants ``1.0e-4`` and reads ``1e-4`` as a string)."""
+
+
+def _expanded_nodes(obj: Any, memo: dict[int, int]) -> int:
+    """Nodes of ``obj`` with every shared reference counted each time (linear in the distinct nodes)."""
+    if not isinstance(obj, (list, dict)):
+        return 1
+    if id(obj) in memo:
+        return memo[id(obj)]
+    memo[id(obj)] = MAX_YAML_NODES + 1  # a cycle (a recursive alias) counts as too large
+    items = obj.values() if isinstance(obj, dict) else obj
+    n = 1 + sum(_expanded_nodes(v, memo) for v in items)
+    memo[id(obj)] = n
+    return n
 
 
 YamlLoader.add_implicit_resolver(
@@ -192,8 +219,17 @@ YamlLoader.add_implicit_resolver(
 
 
 def load_yaml(text: Any) -> Any:
-    """Parse YAML text or a stream with :class:`YamlLoader`."""
-    return yaml.load(text, Loader=YamlLoader)  # noqa: S506 (a SafeLoader subclass)
+    """Parse YAML text or a stream with :class:`YamlLoader`.
+
+    Raises:
+        ValueError: If the document expands to more than :data:`MAX_YAML_NODES` nodes.
+    """
+    data = yaml.load(text, Loader=YamlLoader)  # noqa: S506 (a SafeLoader subclass)
+    n = _expanded_nodes(data, {})
+    if n > MAX_YAML_NODES:
+        raise ValueError(f"YAML: the document expands to more than {MAX_YAML_NODES} values through its aliases "
+                         "(*name); refusing it")
+    return data
 
 
 def read_yaml_mapping(path: str, what: str) -> dict[str, Any]:
@@ -206,7 +242,10 @@ def read_yaml_mapping(path: str, what: str) -> dict[str, Any]:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{what} file not found: {path}")
     with open(path, encoding="utf-8") as f:
-        data = load_yaml(f)
+        try:
+            data = load_yaml(f)
+        except yaml.YAMLError as e:
+            raise ValueError(f"{path}: not valid YAML: {brief(str(e))}") from None
     if not isinstance(data, dict):
         raise TypeError(f"{path}: a {what} must be a YAML mapping, got {type(data).__name__}")
     return data

@@ -61,3 +61,19 @@ def layer_densities(distribution: str, shapes: Mapping[str, Sequence[int]], dens
 def keep_counts(densities: Mapping[str, float], shapes: Mapping[str, Sequence[int]]) -> dict[str, int]:
     """Exact per-layer keep counts ``round(density * numel)``."""
     return {n: int(round(densities[n] * math.prod(shapes[n]))) for n in shapes}
+
+
+def check_no_empty_layers(counts: Mapping[str, int], distribution: str, density: float, *, allow: bool,
+                          prunes: bool = True) -> None:
+    """Raise ``ValueError`` naming the layers whose keep count rounds to 0, unless ``allow`` (the recipe's
+    ``allow_empty_layers``). A ``global`` budget has no per-layer count, and a freezing method
+    (``prunes=False``) leaves a layer without TRAIN entries frozen, not removed: neither is checked."""
+    if allow or distribution == "global" or not prunes:
+        return
+    empty = [n for n, c in counts.items() if c == 0]
+    if empty:
+        raise ValueError(
+            f"sparsity {1 - density:.6g} with the {distribution!r} distribution keeps 0 entries of {len(empty)} "
+            f"layer(s) ({', '.join(empty[:3])}{', ...' if len(empty) > 3 else ''}): they would be removed whole. "
+            "Lower the sparsity, use distribution: erk, or set allow_empty_layers: true"
+        )

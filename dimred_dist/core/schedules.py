@@ -12,6 +12,8 @@ import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from dimred_dist.core.typecheck import brief, check_fields
+
 
 @dataclass(frozen=True, kw_only=True)
 class OneShot:
@@ -397,7 +399,7 @@ def schedule_from_dict(data: Any, where: str = "schedule") -> Schedule:
     if isinstance(data, Schedule):
         return data
     if not isinstance(data, dict) or "kind" not in data:
-        raise TypeError(f"{where}: expected a mapping with a `kind` ({', '.join(SCHEDULES)}), got {data!r}")
+        raise TypeError(f"{where}: expected a mapping with a `kind` ({', '.join(SCHEDULES)}), got {brief(data)}")
     fields = dict(data)
     kind = fields.pop("kind")
     if kind not in SCHEDULES:
@@ -407,7 +409,9 @@ def schedule_from_dict(data: Any, where: str = "schedule") -> Schedule:
     unknown = sorted(set(fields) - names)
     if unknown:
         raise ValueError(f"{where}: unknown key(s) {unknown} for kind {kind!r}; valid keys: {sorted(names)}")
-    return cls(**fields)
+    out = cls(**fields)
+    check_fields(out, "schedule")
+    return out
 
 
 def _check_int(label: str, value: Any, low: int) -> None:

@@ -19,7 +19,7 @@ import types
 import typing
 from typing import Any
 
-__all__ = ["brief", "check_fields", "describe"]
+__all__ = ["brief", "check_fields", "describe", "matches"]
 
 _REPR = reprlib.Repr()
 _REPR.maxstring = 60
@@ -41,10 +41,9 @@ def describe(hint: Any) -> str:
         return "null"
     if origin in (typing.Union, types.UnionType):
         return " or ".join(describe(a) for a in args)
-    if origin is list:
-        return f"a list of {describe(args[0])}" if args else "a list"
-    if origin is tuple:
-        return f"a list of {describe(args[0])}" if args else "a list"
+    if origin in (list, tuple):
+        plural = {str: "strings", int: "integers", float: "numbers", bool: "booleans"}
+        return f"a list of {plural.get(args[0], describe(args[0]))}" if args else "a list"
     if origin is dict:
         return "a mapping"
     if origin is typing.Literal:
@@ -55,20 +54,21 @@ def describe(hint: Any) -> str:
         hint, getattr(hint, "__name__", str(hint)))
 
 
-def _ok(value: Any, hint: Any) -> bool:
+def matches(value: Any, hint: Any) -> bool:
+    """Whether ``value`` is of the annotated type ``hint`` (an int is a float; a bool is no int)."""
     if hint is Any or hint is object:
         return True
     if hint is type(None):
         return value is None
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin in (typing.Union, types.UnionType):
-        return any(_ok(value, a) for a in args)
+        return any(matches(value, a) for a in args)
     if origin is typing.Literal:
         return value in args
     if origin in (list, tuple):
-        return isinstance(value, (list, tuple)) and (not args or all(_ok(v, args[0]) for v in value))
+        return isinstance(value, (list, tuple)) and (not args or all(matches(v, args[0]) for v in value))
     if origin is dict:
-        return isinstance(value, dict) and (len(args) < 2 or all(_ok(v, args[1]) for v in value.values()))
+        return isinstance(value, dict) and (len(args) < 2 or all(matches(v, args[1]) for v in value.values()))
     if origin is typing.ClassVar:
         return True
     if hint is bool:
@@ -107,5 +107,5 @@ def check_fields(obj: Any, where: str) -> None:
         if not f.init or f.name not in hints:
             continue
         value, hint = getattr(obj, f.name), hints[f.name]
-        if not _ok(value, hint):
+        if not matches(value, hint):
             raise TypeError(f"{where}.{f.name} must be {describe(hint)}, got {brief(value)}{_hint_hint(value, hint)}")

@@ -482,7 +482,8 @@ def load_dimred_state(manager, directory: str | os.PathLike) -> Manifest:
             raise error
         raise CheckpointError(f"another rank failed to load the dimred checkpoint {directory}; see its error")
     if manifest.recipe != json.loads(json.dumps(manager.recipe.to_dict())):
-        logger.warning("dimred: the recipe saved in %s differs from this run's recipe; this run's applies", directory)
+        logger.warning("dimred: the recipe saved in %s differs from the manager's recipe; the manager's applies "
+                       "(DimRedCallback keeps the saved one in force)", directory)
     sd, ever = {}, {}
     for name, v in views.items():
         keep, train, *seen = masks.get(name, tuple(torch.zeros(0, dtype=torch.bool) for _ in keys))

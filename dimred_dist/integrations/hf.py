@@ -17,22 +17,23 @@ the engine.
 from __future__ import annotations
 
 import inspect
+import json
 from pathlib import Path
 from typing import Any
 
 from transformers import TrainerCallback
 
-from dimred_dist.core.config import Recipe, load_recipe
+from dimred_dist.core.config import Recipe, load_recipe, recipe_from_dict
 from dimred_dist.core.logging import get_logger
 from dimred_dist.core.targets import freeze_whole_tensors
-from dimred_dist.distributed.checkpoint import load_dimred_state, save_dimred_state
+from dimred_dist.distributed.checkpoint import load_dimred_state, read_manifest, save_dimred_state
 from dimred_dist.integrations.hf_resume import TrainerResume
 from dimred_dist.manager import DimRedManager
 from dimred_dist.optim.compact import CompactAdamW
 
 logger = get_logger(__name__)
 
-__all__ = ["DimRedCallback", "compact_optimizer"]
+__all__ = ["DimRedCallback", "TrainingDiverged", "compact_optimizer"]
 
 
 def compact_optimizer(args: Any) -> tuple[type, dict[str, Any]]:
@@ -57,6 +58,14 @@ def _deepspeed_engine_optimizer(optimizer: Any) -> Any | None:
     return None
 
 
+class TrainingDiverged(RuntimeError):
+    """Raised by :class:`DimRedCallback` on every rank when the gradients stayed non-finite."""
+
+    def __init__(self, message: str, *, step: int) -> None:
+        super().__init__(message)
+        self.step = step
+
+
 class DimRedCallback(TrainerCallback):
     """Applies a recipe during ``Trainer.train()`` and adds the manager's metrics to the logs.
 
@@ -73,14 +82,24 @@ class DimRedCallback(TrainerCallback):
     restores it from the checkpoint the Trainer resumes from, also at another world size or ZeRO
     stage (see :mod:`dimred_dist.integrations.hf_resume` for what is restored and what restarts).
 
+    A run whose gradients are non-finite (inf or NaN on some rank) for ``max_nonfinite_steps`` optimizer
+    steps in a row has diverged: :class:`TrainingDiverged` is raised on every rank at the same step
+    (the Trainer's logged loss would read 0 there: ``logging_nan_inf_filter`` drops such losses).
+    Topology updates due on a step with non-finite gradients are skipped (``dimred/skipped_updates``).
+
     Args:
         recipe: A :class:`~dimred_dist.Recipe` or the path of a recipe YAML file.
         plot_every: Also plot every this many logging events (0: only at the end of training).
+        max_nonfinite_steps: Steps in a row with non-finite gradients before the run stops (0: never
+            stop). Under fp16 loss scaling a few overflow steps in a row are normal.
     """
 
-    def __init__(self, recipe: Recipe | str, *, plot_every: int = 0) -> None:
+    def __init__(self, recipe: Recipe | str, *, plot_every: int = 0, max_nonfinite_steps: int = 10) -> None:
         if plot_every < 0:
             raise ValueError(f"plot_every must be >= 0, got {plot_every}")
+        if isinstance(max_nonfinite_steps, bool) or not isinstance(max_nonfinite_steps, int) or max_nonfinite_steps < 0:
+            raise ValueError(f"max_nonfinite_steps must be an integer >= 0, got {max_nonfinite_steps!r}")
+        self.max_nonfinite_steps = max_nonfinite_steps
         self.recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
         self.plot_every = plot_every
         self.manager: DimRedManager | None = None
@@ -135,6 +154,8 @@ class DimRedCallback(TrainerCallback):
         """A prepared manager: a fresh topology, or the one of the checkpoint the Trainer resumes from."""
         resume = getattr(self, "_resume", None) or TrainerResume(None)
         checkpoint = resume.checkpoint_dir(args, state)
+        if checkpoint is not None:
+            self.recipe = _recipe_in_force(self.recipe, checkpoint)
         manager = DimRedManager(self.recipe, model, adapter=adapter, total_steps=state.max_steps)
         probe = None
         if checkpoint is None and manager.method.needs_probe and self._trainer is not None:
@@ -159,6 +180,14 @@ class DimRedCallback(TrainerCallback):
         resume = getattr(self, "_resume", None)
         if resume is None or resume.saved_step != state.global_step:
             self._save_into(Path(args.output_dir) / f"checkpoint-{state.global_step}")
+
+    def on_step_end(self, args, state, control, **kwargs):
+        mgr = self.manager
+        if mgr is not None and self.max_nonfinite_steps and mgr.nonfinite_streak >= self.max_nonfinite_steps:
+            raise TrainingDiverged(
+                f"dimred: the gradients were non-finite (inf or NaN) for {mgr.nonfinite_streak} optimizer steps in a "
+                f"row, up to step {state.global_step}: the run diverged (lower the learning rate, check the data, "
+                "or resume from an earlier checkpoint)", step=state.global_step)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         # Every rank logs (metrics() holds a collective); the Trainer appended a copy of ``logs`` to
@@ -196,6 +225,19 @@ class DimRedCallback(TrainerCallback):
         paths = save_plots(metrics, self.manager.topology_history, Path(args.output_dir) / "dimred_plots",
                            title=f"step {state.global_step}")
         log_images(paths, extra={"train/global_step": state.global_step})
+
+
+def _recipe_in_force(recipe: Recipe, checkpoint: str) -> Recipe:
+    """The recipe a resumed run continues with: the one saved in the checkpoint (its topology, schedule and
+    method state belong to it); a different recipe given now is named in a warning and not applied."""
+    saved = read_manifest(checkpoint).recipe
+    here = json.loads(json.dumps(recipe.to_dict()))
+    if saved == here:
+        return recipe
+    keys = sorted(k for k in set(saved) | set(here) if saved.get(k) != here.get(k))
+    logger.warning("dimred: this run's recipe differs from the one saved in %s (%s); the saved recipe stays in "
+                   "force and is the one recorded. Start a fresh run to change it.", checkpoint, ", ".join(keys))
+    return recipe_from_dict(saved, where=f"the recipe saved in {checkpoint}")
 
 
 #: The dimred keys the console line keeps; the per-layer keys go to the reporters (W&B, TensorBoard) only.

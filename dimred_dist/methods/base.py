@@ -131,6 +131,13 @@ class Method:
         if self.rewinding is not None:
             self.rewinding.observe(ctx, step)
 
+    def may_update(self, ctx: MethodContext, step: int) -> bool:
+        """Whether :meth:`update` could change the topology before ``step`` (for the count of updates skipped
+        on non-finite gradients). A method that overrides :meth:`update` is taken to update on any step."""
+        if type(self).update is not Method.update:
+            return True
+        return self.recipe.sparsity != 0.0 and self.schedule.is_update_step(step, ctx.total_steps)
+
     def update(self, ctx: MethodContext, step: int) -> dict[str, float] | None:
         """The schedule's topology change before step ``step``: metrics, or None if nothing changed."""
         if self.recipe.sparsity == 0.0 or not self.schedule.is_update_step(step, ctx.total_steps):

@@ -73,6 +73,11 @@ def test_every_recipe_runs_with_zero2_and_zero3_json(tmp_path, job, recipe, stag
     job["recipe"], job["deepspeed"] = recipe_file(recipe), ds_json(f"zero{stage}.json")
     if get_method(dimred_dist.load_recipe(recipe_file(recipe)).method).needs_pretrained:
         job["model"] = {"pretrained": str(_pretrained_gpt2(tmp_path / "gpt2")), "task": "causal-lm"}
+    if "encoder" in recipe or recipe in ("dense_baseline.yaml", "train_norms_biases.yaml"):
+        # Recipes written for encoder classifiers: their patterns name BERT's layers and its head.
+        data = str(write_labeled(tmp_path / "t.jsonl"))
+        job["model"] = {"pretrained": str(write_pretrained_bert(tmp_path / "bert")), "task": "sequence-classification"}
+        job["data"] = {"train_files": data, "validation_files": data, "max_length": 32}
     plan = plan_run(load_job(str(write_job(tmp_path, job))), env=DS_ENV)
     assert plan.pass_to_training_args and plan.deepspeed_config["zero_optimization"]["stage"] == stage
 
