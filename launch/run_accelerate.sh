@@ -25,4 +25,6 @@ if [ -n "${MAIN_PROCESS_IP:-}" ]; then args+=(--main_process_ip "$MAIN_PROCESS_I
 if [ -n "${MAIN_PROCESS_PORT:-}" ]; then args+=(--main_process_port "$MAIN_PROCESS_PORT"); fi
 if [ -n "${NUM_PROCESSES:-}" ]; then args+=(--num_processes "$NUM_PROCESSES"); fi
 
-exec accelerate launch "${args[@]}" -m dimred_dist.cli.train --config "$JOB" "$@"
+# shellcheck source=launch/process_group.sh
+source "$(dirname "${BASH_SOURCE[0]}")/process_group.sh"
+run_group accelerate launch "${args[@]}" -m dimred_dist.cli.train --config "$JOB" "$@"

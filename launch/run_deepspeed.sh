@@ -24,4 +24,6 @@ if [ -n "${NUM_GPUS:-}" ]; then args+=(--num_gpus "$NUM_GPUS"); fi
 # Rendezvous port on the first node. DeepSpeed's CPU all-reduce leaves a /dev/shm file per port.
 args+=(--master_port "${MASTER_PORT:-29500}")
 
-exec deepspeed "${args[@]}" --module dimred_dist.cli.train --config "$JOB" "$@"
+# shellcheck source=launch/process_group.sh
+source "$(dirname "${BASH_SOURCE[0]}")/process_group.sh"
+run_group deepspeed "${args[@]}" --module dimred_dist.cli.train --config "$JOB" "$@"

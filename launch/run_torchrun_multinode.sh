@@ -27,7 +27,9 @@ MASTER_PORT="${MASTER_PORT:-29500}"
 PYTHON="${PYTHON:-python}"
 NPROC_PER_NODE="${NPROC_PER_NODE:-$("$PYTHON" -c 'import torch; print(max(torch.cuda.device_count(), 1))')}"
 
-exec "$PYTHON" -m torch.distributed.run \
+# shellcheck source=launch/process_group.sh
+source "$(dirname "${BASH_SOURCE[0]}")/process_group.sh"
+run_group "$PYTHON" -m torch.distributed.run \
     --nnodes "$NNODES" --node_rank "$NODE_RANK" --nproc_per_node "$NPROC_PER_NODE" \
     --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" \
     -m dimred_dist.cli.train --config "$JOB" "$@"

@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from dimred_dist.core.typecheck import brief
 from dimred_dist.distributed.checkpoint import CheckpointError, Manifest, read_manifest, state_counts
 
 DEFAULT_PNG = "dimred_density.png"
@@ -77,6 +78,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         counts = state_counts(manifest)
     except (FileNotFoundError, CheckpointError) as e:
         print(f"dimred-inspect: error: {e}", file=sys.stderr)
+        return 1
+    except Exception as e:  # noqa: BLE001 - a damaged file can fail anywhere in the reader: one line, no traceback
+        print(f"dimred-inspect: error: {args.checkpoint} cannot be read as a dimred checkpoint ({type(e).__name__}: "
+              f"{brief(str(e))})", file=sys.stderr)
         return 1
     r = manifest.recipe
     print(f"dimred checkpoint {manifest.directory}: step {manifest.step}, saved by {manifest.world_size} rank(s) at "

@@ -46,6 +46,7 @@ from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
 
 from dimred_dist.core.logging import get_logger
+from dimred_dist.core.typecheck import brief
 from dimred_dist.distributed.integrity import hash_tree
 from dimred_dist.optim.compact import pack_bits, unpack_bits
 
@@ -259,13 +260,21 @@ def read_manifest(directory: str | os.PathLike) -> Manifest:
         raise CheckpointError(f"{path} is not a dimred checkpoint manifest (format {raw.get('format')!r})")
     if raw.get("version") not in READABLE:
         raise CheckpointError(f"{path}: unsupported checkpoint version {raw.get('version')!r} (readable: {READABLE})")
-    files = [SavedFile(int(f["rank"]), str(f["file"]), str(f["sha256"]), int(f["bytes"]),
-                       {n: (int(a), int(b)) for n, (a, b) in f["ranges"].items()},
-                       {k: {n: (int(a), int(b)) for n, (a, b) in per.items()}
-                        for k, per in f.get("tensor_ranges", {}).items()}) for f in raw["files"]]
-    m = Manifest(root, int(raw["world_size"]), int(raw["zero_stage"]), int(raw["step"]), raw["recipe"],
-                 raw.get("method_state", {}), {n: tuple(int(d) for d in s) for n, s in raw["params"].items()}, files,
-                 raw.get("tensors", {}), bool(raw.get("ever", False)), raw.get("checkpoint_files"))
+    try:
+        files = [SavedFile(int(f["rank"]), str(f["file"]), str(f["sha256"]), int(f["bytes"]),
+                           {n: (int(a), int(b)) for n, (a, b) in f["ranges"].items()},
+                           {k: {n: (int(a), int(b)) for n, (a, b) in per.items()}
+                            for k, per in f.get("tensor_ranges", {}).items()}) for f in raw["files"]]
+        m = Manifest(root, int(raw["world_size"]), int(raw["zero_stage"]), int(raw["step"]), dict(raw["recipe"]),
+                     dict(raw.get("method_state", {})),
+                     {n: tuple(int(d) for d in s) for n, s in raw["params"].items()}, files,
+                     dict(raw.get("tensors", {})), bool(raw.get("ever", False)), raw.get("checkpoint_files"))
+        if m.checkpoint_files is not None:
+            for rel, meta in m.checkpoint_files.items():
+                if Path(rel).is_absolute() or ".." in Path(rel).parts or not isinstance(meta.get("sha256"), str):
+                    raise ValueError(f"recorded file {rel!r}")
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise CheckpointError(f"{path}: malformed manifest ({type(e).__name__}: {brief(str(e))})") from None
     for f in files:
         if Path(f.file).name != f.file:
             raise CheckpointError(f"{path}: file name {f.file!r} must not contain a directory")

@@ -88,7 +88,8 @@ CASES = [
 ]
 DS_CASES = [
     ("top-level typo", {"gradient_clippin": 1.0}, "unknown key 'gradient_clippin': did you mean 'gradient_clipping'"),
-    ("zero typo", {"zero_optimization": {"stage": 2, "reduce_bucket_sise": 5e5}}, "zero_optimization.reduce_bucket_sise"),
+    ("zero typo", {"zero_optimization": {"stage": 2, "reduce_bucket_sise": 5e5}},
+     "zero_optimization.reduce_bucket_sise"),
     ("optimizer section", {"optimizer": {"type": "AdamW"}}, 'an "optimizer" section'),
     ("stage", {"zero_optimization": {"stage": 4}}, "zero_optimization.stage=4"),
     ("batch conflict", {"train_micro_batch_size_per_gpu": 7}, "train_micro_batch_size_per_gpu=7"),
@@ -192,7 +193,8 @@ def _edit_manifest(folder: Path, **changes) -> None:
 
 
 CHECKPOINT_CASES = [
-    ("truncated mask file", lambda f: (f / "dimred" / "rank0.safetensors").write_bytes(b"\0" * 10), "checksum mismatch"),
+    ("truncated mask file", lambda f: (f / "dimred" / "rank0.safetensors").write_bytes(b"\0" * 10),
+     "checksum mismatch"),
     ("flipped mask byte", lambda f: _flip(f / "dimred" / "rank0.safetensors"), "checksum mismatch"),
     ("flipped model byte", lambda f: _flip(f / "global_step2" / "mp_rank_00_model_states.pt"), "checksum mismatch"),
     ("pickle replaces a file", lambda f: (f / "global_step2" / "mp_rank_00_model_states.pt").write_bytes(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -74,3 +75,30 @@ def test_errors(checkpoint, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "checksum mismatch" in err and "rank0.safetensors" in err
     assert not (bad / "dimred_density.png").exists()
+
+
+def _edit(key, value):
+    def edit(folder: Path) -> None:
+        path = folder / "dimred" / "manifest.json"
+        raw = json.loads(path.read_text())
+        raw[key] = value
+        path.write_text(json.dumps(raw))
+    return edit
+
+
+@pytest.mark.parametrize("damage", [
+    lambda f: (f / "dimred" / "manifest.json").write_text("[1, 2"),
+    lambda f: (f / "dimred" / "manifest.json").write_text("[]"),
+    _edit("files", "not a list"),
+    _edit("params", {"0.weight": "x"}),
+    _edit("world_size", None),
+    _edit("files", [{"rank": 0}]),
+    _edit("checkpoint_files", {"../../etc/passwd": {"sha256": "0", "bytes": 1}}),
+    lambda f: (f / "dimred" / "rank0.safetensors").write_bytes(b"\xff" * 8),
+], ids=["truncated JSON", "a list", "files a string", "shape a string", "no world size", "file without keys",
+        "path outside the checkpoint", "not safetensors"])
+def test_any_damaged_checkpoint_gives_one_line(checkpoint, damage, capsys):
+    damage(checkpoint)
+    assert main([str(checkpoint), "--no-png"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("dimred-inspect: error:") and "\n" not in err and "Traceback" not in err, err

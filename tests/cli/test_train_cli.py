@@ -7,12 +7,15 @@ manager, pruned entries of the gathered weights are exactly 0 and the recipe's d
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from tests.cli.jobs import (
     BIN,
     REPO,
     ds_json,
+    env,
     launch,
     lm_job,
     recipe_file,
@@ -21,11 +24,12 @@ from tests.cli.jobs import (
     write_labeled,
     write_pretrained_bert,
 )
+from tests.launch import remove_shm_files
 
 pytestmark = pytest.mark.distributed
 
 MODULE = ["-m", "dimred_dist.cli.train"]
-# Ports 29741-29745 belong to these tests: the other suites use 296xx, and two launches on one port
+# Ports 29741-29746 belong to these tests: the other suites use 296xx, and two launches on one port
 # collide in the rendezvous and in DeepSpeed's /dev/shm buffer names.
 
 
@@ -108,3 +112,35 @@ def test_plain_python_pretrained_classifier(tmp_path):
     assert s["metrics"]["dimred/density"] == 1.0  # sparsity 0: nothing pruned
     assert (tmp_path / "out" / "model.safetensors").is_file() and (tmp_path / "out" / "config.json").is_file()
     assert "not used" in procs[0].stdout  # the warning about the ignored DeepSpeed JSON
+
+
+def test_sigterm_to_a_launch_wrapper_stops_every_rank(tmp_path):
+    """A scheduler's SIGTERM to launch/run_torchrun_multinode.sh reaches the ranks: none trains on."""
+    import signal
+    import subprocess
+    import time
+
+    port = 29746
+    job = lm_job(tmp_path, recipe_file("rigl_90.yaml"), ds_json("zero2.json"), max_steps=100000, logging_steps=1)
+    path = write_job(tmp_path, job)
+    log = tmp_path / "wrapper.log"
+    with open(log, "w") as f:
+        proc = subprocess.Popen(["env", "NPROC_PER_NODE=2", f"MASTER_PORT={port}", f"PYTHON={BIN / 'python'}", "bash",
+                                 str(REPO / "launch" / "run_torchrun_multinode.sh"), str(path)],
+                                cwd=REPO, env=env(tmp_path), stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.time() + 180
+        while "'loss'" not in log.read_text(errors="replace") and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.5)
+        assert "'loss'" in log.read_text(errors="replace"), log.read_text()[-3000:]  # training is under way
+        proc.send_signal(signal.SIGTERM)  # to the wrapper only, as `kill PID` would
+        proc.wait(timeout=60)
+        time.sleep(1)
+        left = subprocess.run(["pgrep", "-f", str(path)], capture_output=True, text=True).stdout.split()
+        assert left == [], f"processes of the job still running: {left}"
+        assert proc.returncode != 0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        subprocess.run(["pkill", "-9", "-f", str(path)])
+        remove_shm_files(port)

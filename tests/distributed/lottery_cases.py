@@ -23,7 +23,7 @@ L, K, T = 3, 1, 9  # steps per segment, rewind step, planned steps: rounds befor
 
 
 def recipe() -> dd.Recipe:
-    return dd.load_recipe({"method": "imp", "sparsity": 0.75, "distribution": "uniform", "seed": 0,
+    return dd.load_recipe({"allow_empty_layers": True, "method": "imp", "sparsity": 0.75, "distribution": "uniform", "seed": 0,
                            "targets": {"biases": True},
                            "schedule": {"kind": "imp", "rounds": 2, "round_steps": L, "rewind_step": K}})
 
@@ -109,7 +109,7 @@ def early_bird(stage: int, precision: str) -> dict[str, Any]:
 
     model = make_model(Net)
     engine = build_engine(model, ds_config(stage, precision), CompactAdamW(model.parameters(), lr=0.0))
-    r = dd.load_recipe({"method": "early_bird", "sparsity": 0.7, "distribution": "global",
+    r = dd.load_recipe({"allow_empty_layers": True, "method": "early_bird", "sparsity": 0.7, "distribution": "global",
                         "args": {"interval": 2, "window": 5, "threshold": 0.1}})
     mgr = dd.DimRedManager(r, engine.module, adapter=ZeroAdapter(engine), total_steps=12).prepare()
     mgr.attach(engine)
