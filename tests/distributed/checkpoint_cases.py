@@ -24,7 +24,8 @@ from tests.zero_utils import Net, build_engine, init_deepspeed, make_model
 
 def recipe(method: str = "rigl") -> dd.Recipe:
     args = {"update_interval": 2} if method in ("rigl", "set") else {}
-    return dd.load_recipe({"allow_empty_layers": True, "method": method, "sparsity": 0.7, "distribution": "uniform", "args": args})
+    return dd.load_recipe({"allow_empty_layers": True,
+        "method": method, "sparsity": 0.7, "distribution": "uniform", "args": args})
 
 
 def mlp(seed: int = 0) -> nn.Module:

@@ -21,7 +21,8 @@ SCHEDULE = {"kind": "periodic", "interval": 4, "offset": 2, "drop_fraction": 0.5
 
 
 def recipe() -> dd.Recipe:
-    return dd.load_recipe({"allow_empty_layers": True, "method": "spiel", "sparsity": 0.7, "distribution": "uniform", "seed": 3,
+    return dd.load_recipe({"allow_empty_layers": True,
+        "method": "spiel", "sparsity": 0.7, "distribution": "uniform", "seed": 3,
                            "targets": {"biases": True}, "schedule": SCHEDULE, "args": {"accumulation_steps": 2}})
 
 
@@ -78,7 +79,8 @@ T_FREEZE = 8
 
 def freezeout_recipe() -> dd.Recipe:
     """l1 (weight and bias, 264 entries) freezes before step 4, tiny before step 6; l2 trains on."""
-    return dd.load_recipe({"allow_empty_layers": True, "method": "freezeout", "sparsity": 0.0, "targets": {"biases": True},
+    return dd.load_recipe({"allow_empty_layers": True,
+        "method": "freezeout", "sparsity": 0.0, "targets": {"biases": True},
                            "args": {"groups": ["^l1\\.", "^tiny\\."], "t0": 0.5, "scale": "linear"}})
 
 

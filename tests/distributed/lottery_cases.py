@@ -23,7 +23,8 @@ L, K, T = 3, 1, 9  # steps per segment, rewind step, planned steps: rounds befor
 
 
 def recipe() -> dd.Recipe:
-    return dd.load_recipe({"allow_empty_layers": True, "method": "imp", "sparsity": 0.75, "distribution": "uniform", "seed": 0,
+    return dd.load_recipe({"allow_empty_layers": True,
+        "method": "imp", "sparsity": 0.75, "distribution": "uniform", "seed": 0,
                            "targets": {"biases": True},
                            "schedule": {"kind": "imp", "rounds": 2, "round_steps": L, "rewind_step": K}})
 

@@ -53,7 +53,7 @@ def dynamic_recipe(method: str) -> Recipe:
     GraNet: sparse-to-sparse from a random 50% to 70% along the cubic schedule (global magnitude
     pruning and per-layer regrowth before steps 2, 4 and 6)."""
     if method == "granet":
-        return dimred_dist.load_recipe({"allow_empty_layers": True, 
+        return dimred_dist.load_recipe({"allow_empty_layers": True,
             "method": "granet", "sparsity": 0.7, "distribution": "global", "seed": 3, "targets": {"biases": True},
             "schedule": {"kind": "cubic", "interval": 2, "end_fraction": 0.6, "initial_sparsity": 0.5},
             "args": {"regrow_end_fraction": 0.6},
@@ -63,14 +63,14 @@ def dynamic_recipe(method: str) -> Recipe:
         # mutates int(r * numel) per layer, r = 0.2 before steps 2 and 4, 0.1 before step 6
         args = ({"momentum": 0.9} if method == "snfs" else
                 {"init": "random", "mutation_ratios": [0.2, 0.1], "decay_fractions": [0.5]})
-        return dimred_dist.load_recipe({"allow_empty_layers": True, 
+        return dimred_dist.load_recipe({"allow_empty_layers": True,
             "method": method, "sparsity": 0.6, "distribution": "uniform", "seed": 3, "targets": {"biases": True},
             "schedule": {"kind": "periodic", "interval": 2, "drop_fraction": 0.5, "end_fraction": 0.8,
                          "decay": "cosine", "skip_step": False},
             "args": args,
         })
     rigl = method == "rigl"
-    return dimred_dist.load_recipe({"allow_empty_layers": True, 
+    return dimred_dist.load_recipe({"allow_empty_layers": True,
         "method": method, "sparsity": 0.8 if rigl else 0.6, "distribution": "erk" if rigl else "uniform", "seed": 3,
         "targets": {"biases": True},  # every parameter managed: the managed gradient is the whole gradient
         # legacy schedule values in args (they move into a periodic schedule); at end 8 the cosine-decayed
@@ -83,7 +83,7 @@ def dynamic_recipe(method: str) -> Recipe:
 def topkast_recipe() -> Recipe:
     """Top-KAST, forward density 0.4 and backward density 0.7 per layer, sets recomputed before steps
     2, 4, 6 and 8, a penalty large enough to move the gradients visibly."""
-    return dimred_dist.load_recipe({"allow_empty_layers": True, 
+    return dimred_dist.load_recipe({"allow_empty_layers": True,
         "method": "topkast", "sparsity": 0.6, "distribution": "uniform", "seed": 3, "targets": {"biases": True},
         "args": {"backward_sparsity": 0.3, "interval": 2, "penalty": 0.05},
     })
@@ -92,30 +92,31 @@ def topkast_recipe() -> Recipe:
 def edge_popup_recipe() -> Recipe:
     """Edge-popup on the weights (biases train), half of each layer, the reference's score optimizer at a
     larger learning rate so the top-k moves within 10 steps."""
-    return dimred_dist.load_recipe({"allow_empty_layers": True, 
+    return dimred_dist.load_recipe({"allow_empty_layers": True,
         "method": "edge_popup", "sparsity": 0.5, "distribution": "uniform", "seed": 3,
         "args": {"score_lr": 2.0, "momentum": 0.9, "weight_decay": 5e-4},
     })
 
 
 def freeze_recipe() -> Recipe:
-    return dimred_dist.load_recipe({"allow_empty_layers": True, 
+    return dimred_dist.load_recipe({"allow_empty_layers": True,
         "method": "random_freeze", "sparsity": 0.7, "distribution": "uniform", "seed": 5, "targets": {"biases": True},
     })
 
 
 def magnitude_recipe() -> Recipe:
-    return dimred_dist.load_recipe({"allow_empty_layers": True, "method": "magnitude", "sparsity": 0.7, "distribution": "erk", "seed": 0})
+    return dimred_dist.load_recipe({"allow_empty_layers": True,
+        "method": "magnitude", "sparsity": 0.7, "distribution": "erk", "seed": 0})
 
 
 def bytes_recipe() -> Recipe:
-    return dimred_dist.load_recipe({"allow_empty_layers": True, 
+    return dimred_dist.load_recipe({"allow_empty_layers": True,
         "method": "rigl", "sparsity": 0.9, "distribution": "uniform", "seed": 1, "args": {"update_interval": 2},
     })
 
 
 def whole_freeze_recipe() -> Recipe:
-    return dimred_dist.load_recipe({"allow_empty_layers": True, 
+    return dimred_dist.load_recipe({"allow_empty_layers": True,
         "method": "random", "sparsity": 0.5, "distribution": "uniform", "seed": 2, "freeze": [r"^l1\."],
     })
 
@@ -420,7 +421,8 @@ def attach_error(config: dict[str, Any], optimizer_cls=None, *, attach_first: bo
     step_before = z.step
     w0 = full_module_params(engine)
     try:
-        _attach(dimred_dist.load_recipe({"allow_empty_layers": True, "method": "random", "sparsity": 0.5, "seed": 7}), engine, 4)
+        _attach(dimred_dist.load_recipe({"allow_empty_layers": True,
+            "method": "random", "sparsity": 0.5, "seed": 7}), engine, 4)
     except Exception as e:  # noqa: BLE001  (the test judges the type and message)
         rec["error"] = (type(e).__name__, str(e))
     w1 = full_module_params(engine)
