@@ -91,6 +91,7 @@ class DimRedManager:
         self.nonfinite_streak = 0
         self.nonfinite_steps = 0
         self.skipped_updates = 0
+        self._pending_moments: tuple[float, dict[str, dict[str, torch.Tensor]]] | None = None
 
     # ---- set-up --------------------------------------------------------------------------
     def prepare(self, *, resuming: bool = False, probe: ProbeData | None = None) -> DimRedManager:
@@ -376,8 +377,59 @@ class DimRedManager:
         self.optimizer = self.adapter.install(self, optimizer, pre_step=pre_step)
         self.lr_scheduler = lr_scheduler if lr_scheduler is not None else getattr(optimizer, "lr_scheduler", None)
         self.sync_optimizer()
+        self._apply_moments()
         self._capture_frozen()
         return self
+
+    # ---- optimizer moments in the layout-independent form ---------------------------------
+    def optimizer_moments(self) -> tuple[float, dict[str, dict[str, torch.Tensor]]] | None:
+        """``(step, {moment: {parameter: this rank's range of it, flat, 0 where not TRAIN}})`` of an attached
+        compact optimizer, for every trainable parameter (managed or not); None before its first step."""
+        opt = self.optimizer
+        if not isinstance(opt, CompactOptimizer):
+            return None
+        views = self.ctx.trainable_views()
+        out: dict[str, dict[str, torch.Tensor]] = {k: {} for k in opt.moment_names}
+        steps = []
+        for tensor, slots in self.adapter.moment_slots(views):
+            got = opt.dense_moments(tensor)
+            if got is None:
+                return None
+            steps.append(got[0])
+            for name, off, n in slots:
+                for k in opt.moment_names:
+                    out[k][name] = got[1][k][off : off + n].detach().cpu()
+        for k in opt.moment_names:  # parameters with no entries on this rank: empty ranges
+            for name, v in views.items():
+                out[k].setdefault(name, torch.zeros(0, dtype=v.weight().dtype))
+        return (max(steps) if steps else 0.0), out
+
+    def restore_moments(self, step: float, moments: dict[str, dict[str, torch.Tensor]]) -> None:
+        """Set the compact optimizer's moments from :meth:`optimizer_moments`' form (resharded by the loader to
+        this rank's ranges); applied at :meth:`attach` if no optimizer is attached yet."""
+        self._pending_moments = (step, moments)
+        if self.optimizer is not None:
+            self._apply_moments()
+
+    def _apply_moments(self) -> None:
+        pending, self._pending_moments = self._pending_moments, None
+        if pending is None:
+            return
+        if not isinstance(self.optimizer, CompactOptimizer):
+            logger.warning("dimred: the checkpoint's optimizer moments are not restored: the optimizer is not compact")
+            return
+        step, moments = pending
+        missing = [k for k in self.optimizer.moment_names if k not in moments]
+        if missing:
+            raise ValueError(f"the checkpoint holds no optimizer moments {missing} for {type(self.optimizer).__name__}")
+        for tensor, slots in self.adapter.moment_slots(self.ctx.trainable_views()):
+            dense = {k: torch.zeros(tensor.numel(), dtype=tensor.dtype, device=tensor.device)
+                     for k in self.optimizer.moment_names}
+            for name, off, n in slots:
+                for k in dense:
+                    dense[k][off : off + n] = moments[k][name].to(tensor.device)
+            self.optimizer.set_dense_moments(tensor, step, dense)
+        logger.info("dimred: restored the optimizer moments of step %g for another layout", step)
 
     def detach(self) -> None:
         """Remove the step hooks installed by :meth:`attach`."""

@@ -50,6 +50,10 @@ class ReplicatedAdapter:
                 raise ValueError(f"managed parameter {name!r} is not among the optimizer's parameters")
             optimizer.set_train_mask(v.param, state[name].train, reset=reset.get(name))
 
+    def moment_slots(self, views: dict[str, ShardView]) -> list[tuple[torch.Tensor, list[tuple[str, int, int]]]]:
+        """The tensors a compact optimizer keeps moments for, each with the (view, offset, entries) it holds."""
+        return [(v.param, [(name, 0, v.local_numel)]) for name, v in views.items() if v.local_numel]
+
     def install(self, manager, optimizer: torch.optim.Optimizer, *, pre_step: bool = True) -> torch.optim.Optimizer:
         """Hook a torch optimizer: the manager before and after each step.
 

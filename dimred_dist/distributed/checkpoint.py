@@ -24,10 +24,13 @@ Crash safety: everything is written into ``dimred.tmp/`` and renamed to ``dimred
 file and the manifest are on disk, so a ``dimred/`` folder is always whole; a save cut short leaves
 no manifest and the checkpoint counts as incomplete.
 
-The compact optimizer state is not stored here: at the same world size and stage DeepSpeed's own
-checkpoint (or the Trainer's ``optimizer.pt``) restores it exactly, and
-:func:`same_partitioning` tells whether that is the case. Otherwise the moments of TRAIN entries
-start at zero, as in a fresh optimizer.
+The compact optimizer's moments are stored too, as tensor state ``optimizer.<moment>`` of every
+trainable parameter (flat over each rank's range, 0 where not TRAIN; 8 bytes per entry for AdamW)
+with the optimizer's step count in the manifest. At the same world size and stage DeepSpeed's own
+checkpoint (or the Trainer's ``optimizer.pt``) restores the optimizer exactly, and
+:func:`same_partitioning` tells whether that is the case; on another layout the loader reshards the
+moments to this run's ranges and hands them to the compact optimizer (at ``attach``), so training
+goes on with the same optimizer state.
 """
 
 from __future__ import annotations
@@ -58,6 +61,8 @@ __all__ = [
 ]
 
 DIMRED_DIR = "dimred"
+#: Tensor-state keys of the compact optimizer's moments (the rest are the method's).
+OPTIMIZER_PREFIX = "optimizer."
 MANIFEST = "manifest.json"
 FORMAT = "dimred_dist.checkpoint"
 VERSION = 3
@@ -103,6 +108,8 @@ class Manifest:
     ever: bool = False
     #: ``{relative path: {"sha256", "bytes"}}`` of the checkpoint folder's other files; None: not recorded.
     checkpoint_files: dict[str, dict[str, Any]] | None = None
+    #: The compact optimizer's step count when its moments were saved (tensor state ``optimizer.*``).
+    optimizer_step: float | None = None
 
     def pieces(self, name: str) -> list[tuple[SavedFile, int, int]]:
         """(file, start, end) of every saved piece of parameter ``name``, by start."""
@@ -204,7 +211,7 @@ def save_dimred_state(manager, directory: str | os.PathLike, *, record_checkpoin
             "format": FORMAT, "version": VERSION, "world_size": topo.world_size, "zero_stage": topo.zero_stage,
             "step": manager.step, "recipe": manager.recipe.to_dict(), "method_state": method_state,
             "params": {n: list(views[n].shape) for n in names}, "files": files, "tensors": tensor_meta,
-            "ever": manager.ever is not None,
+            "ever": manager.ever is not None, "optimizer_step": getattr(manager, "_saved_optimizer_step", None),
         }
         if record_checkpoint:
             manifest["checkpoint_files"] = hash_tree(directory, DIMRED_DIR)
@@ -216,8 +223,15 @@ def save_dimred_state(manager, directory: str | os.PathLike, *, record_checkpoin
 
 
 def _method_tensors(manager, coll) -> dict[str, dict[str, torch.Tensor]]:
-    """The method's tensor state; every rank must hold the same keys and parameter names (checked)."""
-    extra = manager.method.tensor_state()
+    """The method's tensor state and the compact optimizer's moments (``optimizer.<moment>``, where every rank
+    has stepped); every rank must hold the same keys and parameter names (checked)."""
+    extra = dict(manager.method.tensor_state())
+    moments = manager.optimizer_moments()
+    if int(-coll.all_reduce_max(torch.tensor([-int(moments is not None)]))[0]):
+        manager._saved_optimizer_step = moments[0]
+        extra.update({f"{OPTIMIZER_PREFIX}{k}": per for k, per in moments[1].items()})
+    else:
+        manager._saved_optimizer_step = None
     for key, per in extra.items():
         for name, t in per.items():
             v = manager.ctx.view_of(name)
@@ -268,7 +282,8 @@ def read_manifest(directory: str | os.PathLike) -> Manifest:
         m = Manifest(root, int(raw["world_size"]), int(raw["zero_stage"]), int(raw["step"]), dict(raw["recipe"]),
                      dict(raw.get("method_state", {})),
                      {n: tuple(int(d) for d in s) for n, s in raw["params"].items()}, files,
-                     dict(raw.get("tensors", {})), bool(raw.get("ever", False)), raw.get("checkpoint_files"))
+                     dict(raw.get("tensors", {})), bool(raw.get("ever", False)), raw.get("checkpoint_files"),
+                     None if raw.get("optimizer_step") is None else float(raw["optimizer_step"]))
         if m.checkpoint_files is not None:
             for rel, meta in m.checkpoint_files.items():
                 if Path(rel).is_absolute() or ".." in Path(rel).parts or not isinstance(meta.get("sha256"), str):
@@ -504,9 +519,14 @@ def load_dimred_state(manager, directory: str | os.PathLike) -> Manifest:
                    f"{name}.shape": torch.tensor(v.shape, dtype=torch.int64)})
     devices = {n: manager.ctx.view_of(n).weight().device for per in tensors.values() for n in per}
     tensors = {k: {n: t.to(devices[n]) for n, t in per.items()} for k, per in tensors.items()}
+    moments = {k.removeprefix(OPTIMIZER_PREFIX): tensors.pop(k)
+               for k in list(tensors) if k.startswith(OPTIMIZER_PREFIX)}
     manager.load_state_dict({"step": manifest.step, "masks": sd, **manager.split_plain(manifest.method_state),
                              "tensors": tensors, **({"ever": ever} if ever else {})})
     topo = manager.adapter.topology
+    if moments and not same_partitioning(manifest, topo.world_size, topo.zero_stage):
+        # Same layout: DeepSpeed's / the Trainer's own optimizer checkpoint restores the state exactly.
+        manager.restore_moments(float(manifest.optimizer_step or manifest.step), moments)
     logger.info(
         "dimred: restored the topology of step %d saved by %d ranks at ZeRO stage %d (now %d ranks, stage %d)",
         manifest.step, manifest.world_size, manifest.zero_stage, topo.world_size, topo.zero_stage,

@@ -62,6 +62,11 @@ class ShardAdapter(Protocol):
         """Hand the TRAIN masks to a compact optimizer; ``reset``: local masks whose moments restart."""
         ...
 
+    def moment_slots(self, views: dict[str, ShardView]) -> list[tuple[torch.Tensor, list[tuple[str, int, int]]]]:
+        """The tensors a compact optimizer keeps moments for, each with the (view name, offset, entries) of
+        the views it holds (checkpoints save and restore moments per view, by global range)."""
+        ...
+
     def weights_edited(self) -> None:
         """Propagate masters edited outside a step into every weight copy the framework keeps."""
         ...

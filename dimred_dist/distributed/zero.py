@@ -216,6 +216,15 @@ class ZeroAdapter:
                         rst[v.offset : v.offset + v.local_numel] = reset[v.name]
                 optimizer.set_train_mask(flat, mask, reset=rst)
 
+    def moment_slots(self, views: dict[str, ShardView]) -> list[tuple[torch.Tensor, list[tuple[str, int, int]]]]:
+        """The flat fp32 partitions the client optimizer keeps moments for, each with the (view, offset in the
+        flat, entries) it holds."""
+        by_flat: dict[int, list[tuple[str, int, int]]] = {}
+        for name, v in views.items():
+            if v.flat is not None and v.local_numel:
+                by_flat.setdefault(id(v.flat), []).append((name, v.offset, v.local_numel))
+        return [(flat, by_flat[id(flat)]) for flat in self._flats() if id(flat) in by_flat]
+
     def _flats(self) -> list[torch.Tensor]:
         """The flat fp32 tensors the client optimizer updates (ZeRO-3 lists them only inside a step)."""
         if self.topology.zero_stage == 3:

@@ -29,8 +29,9 @@ Another world size or stage: DeepSpeed refuses to repartition its ZeRO optimizer
 Trainer raise "Can't find a valid checkpoint". The wrapper then lets the Trainer prepare without its
 checkpoint load and restores what does not depend on the partitioning: the model weights (fp32 from
 the ZeRO checkpoint, else ``model.safetensors``), the LR scheduler (``scheduler.pt``), and the Trainer
-state (restored by the Trainer itself, before). The optimizer restarts: Adam moments of every TRAIN
-entry are zero and its step count starts again (bias correction restarts). Data are skipped by
+state (restored by the Trainer itself, before), and the compact optimizer's moments and step count,
+which the dimred state holds in a layout-independent form (a checkpoint of an older format holds
+none: the moments then restart at zero). Data are skipped by
 optimizer steps, as the Trainer does; with another world size the global batch differs, so the
 samples do not line up with the original run.
 """
@@ -200,9 +201,12 @@ class TrainerResume:
         logger.warning(
             "dimred: resuming from %s, saved by %d ranks at ZeRO stage %d, on %d ranks at stage %d. DeepSpeed cannot "
             "repartition its ZeRO optimizer checkpoint, so the Trainer's checkpoint load is replaced. Restored: model "
-            "weights, dimred topology (masks, step, method state), Trainer state, LR scheduler. Reset: the optimizer "
-            "(Adam moments of every TRAIN entry restart at zero, its step count at 0)%s.",
-            resume, self.manifest.world_size, self.manifest.zero_stage, world, stage, rng,
+            "weights, dimred topology (masks, step, method state), Trainer state, LR scheduler, %s.%s",
+            resume, self.manifest.world_size, self.manifest.zero_stage, world, stage,
+            "the compact optimizer's moments and step count (resharded from the dimred state)"
+            if self.manifest.optimizer_step is not None else
+            "but not the optimizer (this checkpoint holds no moments: they restart at zero)",
+            f" Reset:{rng}" if rng else "",
         )
         model, train_dataloader = orig(max_steps, train_dataloader, None, *args, **kwargs)
         from dimred_dist.distributed.weights import load_full_weights

@@ -191,6 +191,32 @@ class CompactOptimizer(torch.optim.Optimizer):
             for k in ("step", *self.moment_names):
                 st.pop(k, None)
 
+    @torch.no_grad()
+    def dense_moments(self, p: torch.Tensor) -> tuple[float, dict[str, torch.Tensor]] | None:
+        """(step count, ``{moment: full-length flat tensor}``) of ``p``, 0 where not TRAIN; None before its
+        first step. The layout-independent form a checkpoint reshards (:meth:`set_dense_moments`)."""
+        st = self.state.get(p, {})
+        if "step" not in st:
+            return None
+        mask = self.train_mask(p)
+        out = {}
+        for k in self.moment_names:
+            out[k] = st[k].clone() if mask is None else \
+                torch.zeros(p.numel(), dtype=st[k].dtype, device=st[k].device).masked_scatter_(mask, st[k])
+        return float(st["step"]), out
+
+    @torch.no_grad()
+    def set_dense_moments(self, p: torch.Tensor, step: float, dense: dict[str, torch.Tensor]) -> None:
+        """Set ``p``'s moments from full-length tensors (only its TRAIN entries are kept) and its step count."""
+        mask = self.train_mask(p)
+        st = self.state[p]
+        for k in self.moment_names:
+            d = dense[k].reshape(-1).to(device=p.device, dtype=p.dtype)
+            if d.numel() != p.numel():
+                raise ValueError(f"moment {k!r} has {d.numel()} entries, the parameter {p.numel()}")
+            st[k] = d.clone() if mask is None else d[mask]
+        st["step"] = torch.tensor(float(step), dtype=torch.float32)
+
     def state_bytes(self) -> int:
         """Bytes held in optimizer state tensors (moments, masks, step counters)."""
         return state_tensor_bytes(self)

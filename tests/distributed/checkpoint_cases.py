@@ -197,3 +197,70 @@ def zero_load(rank: int, world: int, plans: list[tuple[int, str]]) -> list[dict]
         pruned = max(float(v.weight()[~mgr.state[n].keep].abs().sum()) for n, v in mgr.views.items())
         out.append({"masks": local(mgr), "step": mgr.step, "pruned_abs_sum": pruned})
     return out
+
+
+# ---- optimizer moments across layouts ------------------------------------------------------------
+MOMENT_STEPS, MORE_STEPS = 5, 3
+
+
+def moment_batch(t: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Step ``t``'s batch, the same on every rank: the averaged gradient is the one of a single process."""
+    g = torch.Generator().manual_seed(500 + t)
+    return torch.randn(2, 7, generator=g), torch.randn(2, 5, generator=g)
+
+
+def _moment_engine(stage: int, weights: dict | None):
+    from dimred_dist.distributed.zero import ZeroAdapter
+    from tests.zero_utils import ds_config
+
+    init_deepspeed()
+    model = net(0)
+    if weights is not None:
+        model.load_state_dict(weights)
+    engine = build_engine(model, ds_config(stage, clip=0.0))
+    mgr = dd.DimRedManager(recipe(), engine.module, adapter=ZeroAdapter(engine), total_steps=20)
+    mgr.prepare(resuming=weights is not None)
+    return engine, mgr
+
+
+def _engine_steps(engine, first: int, n: int) -> list[float]:
+    losses = []
+    for t in range(first, first + n):
+        x, y = moment_batch(t)
+        loss = nn.functional.mse_loss(engine(x), y)
+        engine.backward(loss)
+        engine.step()
+        losses.append(float(loss))
+    return losses
+
+
+def moments_zero_save(rank: int, world: int, stage: int, directory: str) -> dict:
+    """ZeRO-``stage``: train, save the dimred state and the full weights, then train on (the reference)."""
+    engine, mgr = _moment_engine(stage, None)
+    mgr.attach(engine)
+    _engine_steps(engine, 0, MOMENT_STEPS)
+    save_dimred_state(mgr, directory)
+    if rank == 0:
+        torch.save({n: p.detach().clone() for n, p in engine.module.named_parameters()}, f"{directory}/weights.pt")
+    dist.barrier()
+    return {"losses": _engine_steps(engine, MOMENT_STEPS, MORE_STEPS)}
+
+
+def moments_zero_load(rank: int, world: int, stage: int, directory: str) -> dict:
+    """ZeRO-``stage``: resume the weights and the dimred state (moments included) saved elsewhere, train on."""
+    engine, mgr = _moment_engine(stage, torch.load(f"{directory}/weights.pt", weights_only=True))
+    load_dimred_state(mgr, directory)
+    mgr.attach(engine)
+    return {"losses": _engine_steps(engine, MOMENT_STEPS, MORE_STEPS), "step": mgr.step}
+
+
+def plain_steps(model, opt, first: int, n: int) -> list[float]:
+    losses = []
+    for t in range(first, first + n):
+        x, y = moment_batch(t)
+        opt.zero_grad()
+        loss = nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+    return losses

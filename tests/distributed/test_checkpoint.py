@@ -237,3 +237,50 @@ def test_zero_layouts_and_one_process_exchange_checkpoints(tmp_path):
         ranks = [r[i] for r in loaded]
         _assert_same(_full([r["masks"] for r in ranks]), expected)
         assert all(r["pruned_abs_sum"] == 0.0 and r["step"] == step for r in ranks), (stage, path)
+
+
+# ---- optimizer moments on another world size / stage ---------------------------------------------
+# The same batch on every rank, no clipping: the runs differ only in the order of fp32 sums (the ZeRO
+# reduction, the partitioned update), so the next losses agree to a relative 1e-5; restarting the
+# moments instead moves them by more than 1e-3 (checked, so the comparison can fail).
+MOMENT_RTOL = 1e-5
+
+
+def _plain_resume(directory, *, moments: bool = True) -> tuple[list[float], dd.DimRedManager]:
+    model = cases.net(1)
+    model.load_state_dict(torch.load(directory / "weights.pt", weights_only=True))
+    mgr = dd.DimRedManager(cases.recipe(), model, total_steps=20).prepare(resuming=True)
+    load_dimred_state(mgr, directory)
+    if not moments:
+        mgr._pending_moments = None
+    opt = CompactAdamW(model.parameters(), lr=1e-2)
+    mgr.attach(opt)
+    return cases.plain_steps(model, opt, cases.MOMENT_STEPS, cases.MORE_STEPS), mgr
+
+
+@pytest.mark.distributed
+def test_moments_go_on_from_two_zero2_ranks_to_one_process(tmp_path):
+    ref = run_distributed(cases.moments_zero_save, 2, 2, str(tmp_path), timeout=180)[0]["losses"]
+    manifest = read_manifest(tmp_path)
+    assert manifest.optimizer_step == 3 and "optimizer.exp_avg_sq" in manifest.tensors  # RigL skips 2 steps
+    got, mgr = _plain_resume(tmp_path)
+    assert mgr.step == cases.MOMENT_STEPS + cases.MORE_STEPS
+    assert got == pytest.approx(ref, rel=MOMENT_RTOL)
+    restarted, _ = _plain_resume(tmp_path, moments=False)
+    assert max(abs(a - b) / abs(b) for a, b in zip(restarted, ref)) > 1e-3
+
+
+@pytest.mark.distributed
+def test_moments_go_on_from_one_process_to_two_zero3_ranks(tmp_path):
+    model = cases.net(0)
+    mgr = dd.DimRedManager(cases.recipe(), model, total_steps=20).prepare()
+    opt = CompactAdamW(model.parameters(), lr=1e-2)
+    mgr.attach(opt)
+    cases.plain_steps(model, opt, 0, cases.MOMENT_STEPS)
+    save_dimred_state(mgr, tmp_path)
+    torch.save({n: p.detach().clone() for n, p in model.named_parameters()}, tmp_path / "weights.pt")
+    ref = cases.plain_steps(model, opt, cases.MOMENT_STEPS, cases.MORE_STEPS)
+    ranks = run_distributed(cases.moments_zero_load, 2, 3, str(tmp_path), timeout=180)
+    for r in ranks:
+        assert r["step"] == cases.MOMENT_STEPS + cases.MORE_STEPS
+        assert r["losses"] == pytest.approx(ref, rel=MOMENT_RTOL)

@@ -49,6 +49,8 @@ class Probe(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.begin = snapshot(self.dimred.manager)
+        opt = self.dimred.manager.optimizer
+        self.optimizer_steps = sorted({float(st["step"]) for st in opt.state.values() if "step" in st})
 
 
 def snapshot(mgr) -> dict:
@@ -199,6 +201,7 @@ def resume(a) -> dict:
         "begin_weights_equal_saved": all(torch.equal(w, weights[n].float().reshape(-1)[s:e])
                                          for n, (s, e, _, _, w) in probe.begin.items()),
         "local_entries": sum(e - s for s, e, *_ in probe.begin.values()),
+        "begin_optimizer_steps": probe.optimizer_steps,
         "steps": [trainer.state.global_step, mgr.step], "sum_abs_pruned": max_pruned,
         "losses": losses_after(trainer, start), "start": start, "lr_last": trainer.lr_scheduler.get_last_lr()[0],
         "density": mgr.metrics()["dimred/density"],

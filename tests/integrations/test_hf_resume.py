@@ -103,6 +103,7 @@ def test_zero2_checkpoint_resumes_in_one_process(zero2_runs, one_process):
     assert any(f.startswith("global_step4/") for f in manifest.checkpoint_files)
     out, r = one_process
     assert (r["world_size"], r["zero_stage"], r["start"]) == (1, 0, 4)
+    assert r["begin_optimizer_steps"] == [manifest.optimizer_step] and manifest.optimizer_step > 0  # moments go on
     assert r["begin_masks_equal_saved"] and r["begin_weights_equal_saved"]
     assert r["steps"] == [8, 8] and len(r["losses"]) == 4
     assert r["sum_abs_pruned"] == 0.0 and r["density"] == pytest.approx(0.2, abs=1e-3)
@@ -121,6 +122,7 @@ def test_one_process_checkpoint_resumes_on_two_zero3_ranks(one_process, tmp_path
     assert sum(r["local_entries"] for r in ranks) == one_process[1]["local_entries"]  # ZeRO-3 split the entries
     for r in ranks:
         assert (r["world_size"], r["zero_stage"], r["start"]) == (2, 3, 8)
+        assert r["begin_optimizer_steps"] == [read_manifest(one_process[0] / "checkpoint-8").optimizer_step]
         assert r["begin_masks_equal_saved"] and r["begin_weights_equal_saved"]
         assert r["steps"] == [10, 10] and len(r["losses"]) == 2
         assert r["sum_abs_pruned"] == 0.0 and r["density"] == pytest.approx(0.2, abs=1e-3)
