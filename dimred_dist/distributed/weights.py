@@ -4,7 +4,9 @@ Used when resuming at another world size or stage, where DeepSpeed cannot load i
 checkpoint. The weights come from, in this order:
 
 * a DeepSpeed checkpoint (``global_step*`` folder): DeepSpeed's ``zero_to_fp32`` rebuilds the fp32
-  master weights from the ranks' partitions, for any saved world size and ZeRO stage 1-3;
+  master weights from the ranks' partitions, for any saved world size and ZeRO stage 1-3. Its
+  ``torch.load`` calls run with ``weights_only=True`` and an allow-list of the few DeepSpeed classes
+  its files hold (:data:`DEEPSPEED_SAFE_GLOBALS`), so a planted pickle cannot run code here;
 * ``model.safetensors`` (or its sharded index) written by the Trainer's ``save_model``.
 
 Into an engine, they are loaded into the module (ZeRO-3: gathered, rank 0 writes, DeepSpeed
@@ -15,8 +17,10 @@ weights; with bf16 weights the masters are rounded to bf16 once).
 from __future__ import annotations
 
 import glob
+import importlib
 import json
 import os
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +32,37 @@ from dimred_dist.distributed.zero import zero_optimizer_of
 
 logger = get_logger(__name__)
 
-__all__ = ["full_state_dict", "load_full_weights"]
+__all__ = ["DEEPSPEED_SAFE_GLOBALS", "full_state_dict", "load_full_weights"]
+
+#: The classes (besides tensors and containers) that DeepSpeed's ZeRO checkpoint files hold.
+DEEPSPEED_SAFE_GLOBALS = (
+    "deepspeed.runtime.fp16.loss_scaler.LossScaler", "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
+    "deepspeed.runtime.zero.config.ZeroStageEnum", "deepspeed.utils.tensor_fragment.fragment_address",
+)
+
+
+@contextmanager
+def _weights_only_torch_load():
+    """``torch.load`` forced to ``weights_only=True`` with :data:`DEEPSPEED_SAFE_GLOBALS` allowed, for the
+    duration (``zero_to_fp32`` asks for ``weights_only=False``)."""
+    allowed = []
+    for dotted in DEEPSPEED_SAFE_GLOBALS:
+        module, _, name = dotted.rpartition(".")
+        obj = getattr(importlib.import_module(module), name, None)
+        if obj is not None:
+            allowed.append(obj)
+    orig = torch.load
+
+    def load(f, *args, **kwargs):
+        kwargs["weights_only"] = True
+        with torch.serialization.safe_globals(allowed):
+            return orig(f, *args, **kwargs)
+
+    torch.load = load
+    try:
+        yield
+    finally:
+        torch.load = orig
 
 
 def full_state_dict(checkpoint: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -41,7 +75,8 @@ def full_state_dict(checkpoint: str | os.PathLike) -> dict[str, torch.Tensor]:
     if glob.glob(str(ckpt / "global_step*")):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        return dict(get_fp32_state_dict_from_zero_checkpoint(str(ckpt)))
+        with _weights_only_torch_load():
+            return dict(get_fp32_state_dict_from_zero_checkpoint(str(ckpt)))
     if (ckpt / "model.safetensors").is_file():
         return load_file(ckpt / "model.safetensors")
     index = ckpt / "model.safetensors.index.json"

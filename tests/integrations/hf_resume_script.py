@@ -208,8 +208,36 @@ def resume(a) -> dict:
     }
 
 
+class Planted:
+    """Unpickling this runs code: it creates the file ``path``."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def planted_pickle(out: Path, src: Path) -> dict:
+    """The weights of a checkpoint whose optimizer file was replaced by a pickle that runs code, read the way
+    a resume at another world size reads them (zero_to_fp32), without the checksum check in front."""
+    from dimred_dist.distributed.weights import full_state_dict
+
+    copy = out / "planted"
+    shutil.copytree(src, copy)
+    marker = out / "the_pickle_ran"
+    [f] = sorted(copy.glob("global_step*/zero_pp_rank_0_*optim_states.pt"))
+    torch.save({"optimizer_state_dict": Planted(str(marker))}, f)  # a torch zip file whose pickle runs code
+    try:
+        full_state_dict(copy)
+        error = None
+    except Exception as e:  # noqa: BLE001 - the test inspects the error
+        error = f"{type(e).__name__}: {e}"
+    return {"error": error, "ran": marker.exists()}
+
+
 def errors(out: Path, src: Path) -> dict:
-    result = {}
+    result = {"planted_pickle": planted_pickle(out, src)}
     bad = out / "corrupt"
     shutil.copytree(src, bad)
     f = bad / "dimred" / "rank0.safetensors"
