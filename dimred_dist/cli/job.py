@@ -182,6 +182,31 @@ class DataConfig:
         if self.format == "text" and self.text_column != "text":
             raise ValueError("data.text_column: text files have one column, `text`")
 
+    def columns(self) -> set[str] | None:
+        """The columns of the first training file (``csv``: its header; ``json``: the keys of its first
+        record), or None where they cannot be read cheaply (a JSON array file)."""
+        path = self.train_files[0]
+        if self.format == "text":
+            return {"text"}
+        try:
+            with open(path, encoding="utf-8", newline="") as f:
+                if self.format == "csv":
+                    import csv
+
+                    return set(next(csv.reader(f), []))
+                first = next((line for line in f if line.strip()), "")
+        except (OSError, UnicodeDecodeError) as e:
+            raise ValueError(f"data.train_files: cannot read {path}: {brief(str(e))}") from None
+        if first.lstrip().startswith("["):
+            return None
+        try:
+            record = json.loads(first)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"data.train_files: {path} is not JSON lines (line 1: {e.msg})") from None
+        if not isinstance(record, dict):
+            raise ValueError(f"data.train_files: the records of {path} must be JSON objects, got {brief(record)}")
+        return set(record)
+
     @property
     def has_validation(self) -> bool:
         return bool(self.validation_files) or self.validation_fraction > 0
@@ -265,6 +290,14 @@ class JobConfig:
             )
         if self.training.get("eval_strategy", "no") != "no" and not self.data.has_validation:
             raise ValueError("training.eval_strategy needs data.validation_files or data.validation_fraction")
+        columns = self.data.columns()
+        wanted = [("text_column", self.data.text_column)]
+        if self.model.task == "sequence-classification":
+            wanted.append(("label_column", self.data.label_column))
+        for key, col in wanted:
+            if columns is not None and col not in columns:
+                raise ValueError(f"data.{key}: {self.data.train_files[0]} has no column {brief(col)}; its columns: "
+                                 f"{brief(sorted(columns))}")
         from dimred_dist.core.preflight import check_recipe_on_model
 
         model = self.model.meta_model()

@@ -154,6 +154,17 @@ def test_set_override_and_yaml_alias_bomb(tmp_path, base, capsys):
     _refused(tmp_path, base, "expands to more than 100000 values", capsys)
 
 
+@pytest.mark.parametrize("name,content,fragment", [
+    ("t.csv", "body,label\nhello,1\n", "data.text_column: "),
+    ("t.jsonl", '{"body": "hello"}\n', "has no column 'text'; its columns: ['body']"),
+    ("t.jsonl", "not json\n", "is not JSON lines"),
+], ids=["csv without the text column", "json without the text column", "not JSON lines"])
+def test_bad_data_file(tmp_path, base, name, content, fragment, capsys):
+    (tmp_path / name).write_text(content)
+    base["data"] = {"train_files": str(tmp_path / name), "max_length": 32}
+    _refused(tmp_path, base, fragment, capsys)
+
+
 def test_a_fresh_run_never_replaces_an_earlier_summary(tmp_path, base, capsys):
     (tmp_path / "out" / "dimred_summary.json").write_text("{}")
     _refused(tmp_path, base, "dimred_summary.json of an earlier run exists", capsys)
