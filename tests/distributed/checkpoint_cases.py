@@ -230,7 +230,7 @@ def _engine_steps(engine, first: int, n: int) -> list[float]:
         loss = nn.functional.mse_loss(engine(x), y)
         engine.backward(loss)
         engine.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
     return losses
 
 
@@ -262,5 +262,5 @@ def plain_steps(model, opt, first: int, n: int) -> list[float]:
         loss = nn.functional.mse_loss(model(x), y)
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
     return losses
