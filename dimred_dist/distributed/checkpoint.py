@@ -25,8 +25,8 @@ file and the manifest are on disk, so a ``dimred/`` folder is always whole; a sa
 no manifest and the checkpoint counts as incomplete.
 
 The compact optimizer's moments are stored too, as tensor state ``optimizer.<moment>`` of every
-trainable parameter (flat over each rank's range, 0 where not TRAIN; 8 bytes per entry for AdamW)
-with the optimizer's step count in the manifest. At the same world size and stage DeepSpeed's own
+trainable parameter over each rank's range (of a managed parameter only its TRAIN entries', in
+index order: 8 bytes per TRAIN entry for AdamW) with the optimizer's step count in the manifest. At the same world size and stage DeepSpeed's own
 checkpoint (or the Trainer's ``optimizer.pt``) restores the optimizer exactly, and
 :func:`same_partitioning` tells whether that is the case; on another layout the loader reshards the
 moments to this run's ranges and hands them to the compact optimizer (at ``attach``), so training
@@ -204,7 +204,9 @@ def save_dimred_state(manager, directory: str | os.PathLike, *, record_checkpoin
                           "ranges": spans, "tensor_ranges": t_spans})
         tensor_meta = {
             key: {"dtype": str(next(iter(extra[key].values())).dtype).removeprefix("torch."),
-                  "params": {n: list(manager.ctx.view_of(n).shape) for n in sorted(extra[key])}}
+                  "params": {n: list(manager.ctx.view_of(n).shape) for n in sorted(extra[key])},
+                  **({"compact": sorted(n for n in extra[key] if n in views)} if key.startswith(OPTIMIZER_PREFIX)
+                     else {})}
             for key in sorted(extra)
         }
         manifest = {
@@ -242,6 +244,11 @@ def _method_tensors(manager, coll) -> dict[str, dict[str, torch.Tensor]]:
     h = torch.tensor([int.from_bytes(hashlib.sha256(sig.encode()).digest()[:7], "big")], dtype=torch.int64)
     if int(coll.all_reduce_max(h)) != int(-coll.all_reduce_max(-h)):
         raise RuntimeError("ranks hold different method tensor state keys; every rank must return the same ones")
+    for key in [k for k in extra if k.startswith(OPTIMIZER_PREFIX)]:
+        # Managed parameters: the moments of their TRAIN entries only, in index order (8 bytes per TRAIN
+        # entry for AdamW); the loader finds a range's offset from the train bits saved next to them.
+        extra[key] = {n: (t[manager.state[n].train.to(t.device)] if n in manager.views else t)
+                      for n, t in extra[key].items()}
     return extra
 
 
@@ -385,6 +392,34 @@ def read_tensor_ranges(manifest: Manifest, key: str, wanted: dict[str, tuple[int
     return out
 
 
+def read_moment_ranges(manifest: Manifest, key: str, wanted: dict[str, tuple[int, int]]) -> dict[str, torch.Tensor]:
+    """Entries ``[start, end)`` of the optimizer moment ``key`` of every ``name: (start, end)`` in ``wanted``,
+    flat, 0 where not TRAIN. A parameter listed as ``compact`` holds the moments of its TRAIN entries only:
+    a piece's offset is the count of TRAIN bits before the range, read from the train mask of the same file."""
+    meta = manifest.tensors[key]
+    dtype, compact = _DTYPES[meta["dtype"]], set(meta.get("compact", ()))
+    out = {n: torch.zeros(b - a, dtype=dtype) for n, (a, b) in wanted.items()}
+    for f in manifest.files:
+        per = f.tensor_ranges.get(key, {})
+        todo = [(n, max(a, per[n][0]), min(b, per[n][1]), per[n][0], a) for n, (a, b) in wanted.items() if n in per]
+        todo = [t for t in todo if t[1] < t[2]]
+        if not todo:
+            continue
+        with safe_open(verify_file(manifest, f), framework="pt") as handle:
+            for name, a, b, fa, start in todo:
+                src = handle.get_slice(f"method.{key}.{name}")
+                if name not in compact:
+                    out[name][a - start : b - start] = src[a - fa : b - fa]
+                    continue
+                train = _read_bits(handle, f"{name}.train", 0, b - fa)
+                c0, sel = int(train[: a - fa].sum()), train[a - fa :]
+                values = src[c0 : c0 + int(sel.sum())]
+                if values.numel() != int(sel.sum()):
+                    raise CheckpointError(f"{f.file}: optimizer moments of {name!r} do not match its train mask")
+                out[name][a - start : b - start][sel] = values
+    return out
+
+
 def read_full_masks(directory: str | os.PathLike) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Full flat (keep, train) masks of every parameter (a single-process reader: inspection, tests)."""
     m = read_manifest(directory)
@@ -498,7 +533,8 @@ def load_dimred_state(manager, directory: str | os.PathLike) -> Manifest:
             for n, v in mine.items():
                 if tuple(meta["params"][n]) != tuple(v.shape):
                     raise CheckpointError(f"tensor state {key}/{n} has shape {meta['params'][n]}, here {v.shape}")
-            tensors[key] = read_tensor_ranges(manifest, key, {n: (v.start, v.end) for n, v in mine.items()})
+            reader = read_moment_ranges if key.startswith(OPTIMIZER_PREFIX) else read_tensor_ranges
+            tensors[key] = reader(manifest, key, {n: (v.start, v.end) for n, v in mine.items()})
     except Exception as e:  # noqa: BLE001 - re-raised below on this rank, reported on the others
         error = e
     if int(coll.all_reduce_max(torch.tensor([int(error is not None)]))[0]):

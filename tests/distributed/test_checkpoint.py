@@ -263,6 +263,16 @@ def test_moments_go_on_from_two_zero2_ranks_to_one_process(tmp_path):
     ref = run_distributed(cases.moments_zero_save, 2, 2, str(tmp_path), timeout=180)[0]["losses"]
     manifest = read_manifest(tmp_path)
     assert manifest.optimizer_step == 3 and "optimizer.exp_avg_sq" in manifest.tensors  # RigL skips 2 steps
+    from dimred_dist.distributed.checkpoint import state_counts
+
+    train = {n: c[0] for n, c in state_counts(manifest).items()}
+    saved = dict.fromkeys(train, 0)
+    for f in manifest.files:
+        with safe_open(manifest.path(f), framework="pt") as h:
+            for n in train:
+                if f"method.optimizer.exp_avg.{n}" in h.keys():
+                    saved[n] += h.get_slice(f"method.optimizer.exp_avg.{n}").get_shape()[0]
+    assert saved == train  # managed parameters: the moments of TRAIN entries only
     got, mgr = _plain_resume(tmp_path)
     assert mgr.step == cases.MOMENT_STEPS + cases.MORE_STEPS
     assert got == pytest.approx(ref, rel=MOMENT_RTOL)
