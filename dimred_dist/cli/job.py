@@ -313,20 +313,13 @@ class JobConfig:
 
 def check_resume_checkpoint(path: str, model: Any) -> None:
     """A checkpoint to resume from: complete (every file's recorded checksum), at the Trainer's step, of ``model``."""
-    from dimred_dist.distributed.checkpoint import CheckpointError, check_model, read_manifest
-    from dimred_dist.distributed.integrity import checkpoint_problem, trainer_step
+    from dimred_dist.distributed.checkpoint import CheckpointError, check_model
+    from dimred_dist.distributed.integrity import resumable
 
-    problem = checkpoint_problem(path)
-    if problem is not None:
-        raise ValueError(f"training.resume_from_checkpoint: cannot resume from {path}: {problem}")
-    manifest = read_manifest(path)
-    step = trainer_step(path)
-    if step is not None and step != manifest.step:
-        raise ValueError(f"training.resume_from_checkpoint: {path} holds a dimred state of step {manifest.step} but "
-                         f"its trainer_state.json is at step {step}")
     try:
+        manifest = resumable(path)
         check_model(manifest, {n: tuple(p.shape) for n, p in model.named_parameters()}, managed=False)
-    except CheckpointError as e:
+    except (FileNotFoundError, CheckpointError) as e:
         raise ValueError(f"training.resume_from_checkpoint: {e}") from None
 
 

@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from dimred_dist.cli.job import JobConfig, read_deepspeed_json, training_defaults
-from dimred_dist.core.typecheck import brief
 
 __all__ = ["RunPlan", "check_deepspeed_config", "plan_run"]
 
@@ -146,39 +145,11 @@ def check_deepspeed_config(ds: Mapping[str, Any], training: Mapping[str, Any], *
         raise ValueError(f"{where} conflicts with the job: " + "; ".join(problems))
 
 
-def _typos(ds: Mapping[str, Any]) -> list[str]:
-    """Misspelt keys DeepSpeed would ignore or reject late: ``zero_optimization`` checked by DeepSpeed's own
-    (extra-forbidding) model, and top-level keys that are not DeepSpeed's but one edit away from one."""
-    import difflib
-
-    from deepspeed.runtime import constants
-    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
-
-    out = []
-    known = {v for k, v in vars(constants).items() if k.isupper() and isinstance(v, str) and v.isidentifier()}
-    known |= {"zero_optimization", "bf16", "fp16", "optimizer", "scheduler", "data_types", "flops_profiler",
-              "activation_checkpointing", "tensorboard", "wandb", "csv_monitor", "comms_logger", "checkpoint", "aio",
-              "compile", "autotuning", "elasticity", "compression_training", "data_efficiency", "hybrid_engine"}
-    for key in ds:
-        if key not in known:
-            near = difflib.get_close_matches(str(key), sorted(known), n=1, cutoff=0.85)
-            if near:
-                out.append(f"unknown key {brief(key)}: did you mean {near[0]!r}? (DeepSpeed would ignore it)")
-    zero = ds.get("zero_optimization")
-    if isinstance(zero, dict):
-        try:
-            DeepSpeedZeroConfig(**zero)
-        except Exception as e:  # noqa: BLE001 - pydantic's ValidationError, reported as one line
-            errors = e.errors() if hasattr(e, "errors") else [{"loc": (), "msg": str(e)}]
-            for err in errors[:3]:
-                loc = ".".join(str(p) for p in err.get("loc", ()))
-                out.append(f"zero_optimization.{loc[:80]}: {str(err.get('msg', ''))[:120]}")
-    return out
-
-
 def _unsupported(ds: Mapping[str, Any]) -> list[str]:
     """Settings dimred_dist cannot serve (mirrors what the ZeRO adapter rejects at start-up)."""
-    out = _typos(ds)
+    from dimred_dist.distributed.ds_config import config_typos
+
+    out = config_typos(ds)
     if "optimizer" in ds:
         out.append(
             'an "optimizer" section: DeepSpeed would build its own dense optimizer and bypass dimred_dist\'s compact '

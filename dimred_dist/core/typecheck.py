@@ -84,11 +84,11 @@ def matches(value: Any, hint: Any) -> bool:
     return True  # an annotation this checker does not know: the dataclass's own checks apply
 
 
-def _hint_hint(value: Any, hint: Any) -> str:
-    """A suggestion for the commonest YAML slip: a scalar where a list is expected."""
+def _suggestion(value: Any, hint: Any) -> str:
+    """A suggestion for the commonest YAML slips: a scalar where a list is expected, a word for a bool."""
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
-        return next((h for h in map(lambda a: _hint_hint(value, a), typing.get_args(hint)) if h), "")
+        return next((s for s in (_suggestion(value, a) for a in typing.get_args(hint)) if s), "")
     if origin in (list, tuple) and isinstance(value, (str, int, float)):
         return f" (a YAML list: [{value}])"
     if hint is bool and isinstance(value, str):
@@ -108,4 +108,4 @@ def check_fields(obj: Any, where: str) -> None:
             continue
         value, hint = getattr(obj, f.name), hints[f.name]
         if not matches(value, hint):
-            raise TypeError(f"{where}.{f.name} must be {describe(hint)}, got {brief(value)}{_hint_hint(value, hint)}")
+            raise TypeError(f"{where}.{f.name} must be {describe(hint)}, got {brief(value)}{_suggestion(value, hint)}")

@@ -26,8 +26,9 @@ no manifest and the checkpoint counts as incomplete.
 
 The compact optimizer's moments are stored too, as tensor state ``optimizer.<moment>`` of every
 trainable parameter over each rank's range (of a managed parameter only its TRAIN entries', in
-index order: 8 bytes per TRAIN entry for AdamW) with the optimizer's step count in the manifest. At the same world size and stage DeepSpeed's own
-checkpoint (or the Trainer's ``optimizer.pt``) restores the optimizer exactly, and
+index order: 8 bytes per TRAIN entry for AdamW) with the optimizer's step count in the manifest. At
+the same world size and stage DeepSpeed's own checkpoint (or the Trainer's ``optimizer.pt``)
+restores the optimizer exactly, and
 :func:`same_partitioning` tells whether that is the case; on another layout the loader reshards the
 moments to this run's ranges and hands them to the compact optimizer (at ``attach``), so training
 goes on with the same optimizer state.
@@ -163,7 +164,7 @@ def save_dimred_state(manager, directory: str | os.PathLike, *, record_checkpoin
         if manager.ever is not None:
             tensors[f"{n}.ever"] = manager.ever.bits[n].cpu()
     ranges = {n: [views[n].start, views[n].end] for n in mine}
-    extra = _method_tensors(manager, coll)
+    extra, optimizer_step = _method_tensors(manager, coll)
     extra_cols = [(k, n) for k in sorted(extra) for n in sorted(extra[k])]
     t_ranges: dict[str, dict[str, list[int]]] = {}
     for key, name in extra_cols:
@@ -213,7 +214,7 @@ def save_dimred_state(manager, directory: str | os.PathLike, *, record_checkpoin
             "format": FORMAT, "version": VERSION, "world_size": topo.world_size, "zero_stage": topo.zero_stage,
             "step": manager.step, "recipe": manager.recipe.to_dict(), "method_state": method_state,
             "params": {n: list(views[n].shape) for n in names}, "files": files, "tensors": tensor_meta,
-            "ever": manager.ever is not None, "optimizer_step": getattr(manager, "_saved_optimizer_step", None),
+            "ever": manager.ever is not None, "optimizer_step": optimizer_step,
         }
         if record_checkpoint:
             manifest["checkpoint_files"] = hash_tree(directory, DIMRED_DIR)
@@ -224,16 +225,16 @@ def save_dimred_state(manager, directory: str | os.PathLike, *, record_checkpoin
     return final
 
 
-def _method_tensors(manager, coll) -> dict[str, dict[str, torch.Tensor]]:
+def _method_tensors(manager, coll) -> tuple[dict[str, dict[str, torch.Tensor]], float | None]:
     """The method's tensor state and the compact optimizer's moments (``optimizer.<moment>``, where every rank
-    has stepped); every rank must hold the same keys and parameter names (checked)."""
+    has stepped), with the optimizer's step count (None without moments); every rank must hold the same
+    keys and parameter names (checked)."""
     extra = dict(manager.method.tensor_state())
     moments = manager.optimizer_moments()
+    optimizer_step = None
     if int(-coll.all_reduce_max(torch.tensor([-int(moments is not None)]))[0]):
-        manager._saved_optimizer_step = moments[0]
+        optimizer_step = moments[0]
         extra.update({f"{OPTIMIZER_PREFIX}{k}": per for k, per in moments[1].items()})
-    else:
-        manager._saved_optimizer_step = None
     for key, per in extra.items():
         for name, t in per.items():
             v = manager.ctx.view_of(name)
@@ -249,7 +250,7 @@ def _method_tensors(manager, coll) -> dict[str, dict[str, torch.Tensor]]:
         # entry for AdamW); the loader finds a range's offset from the train bits saved next to them.
         extra[key] = {n: (t[manager.state[n].train.to(t.device)] if n in manager.views else t)
                       for n, t in extra[key].items()}
-    return extra
+    return extra, optimizer_step
 
 
 # ---- reading ---------------------------------------------------------------------------------
@@ -377,25 +378,12 @@ def read_ranges(manifest: Manifest, wanted: dict[str, tuple[int, int]],
 
 def read_tensor_ranges(manifest: Manifest, key: str, wanted: dict[str, tuple[int, int]]) -> dict[str, torch.Tensor]:
     """Entries ``[start, end)`` of tensor state ``key`` of every ``name: (start, end)`` in ``wanted``
-    (checksums verified first, only the overlapping bytes read)."""
-    dtype = _DTYPES[manifest.tensors[key]["dtype"]]
-    out = {n: torch.zeros(b - a, dtype=dtype) for n, (a, b) in wanted.items()}
-    for f in manifest.files:
-        per = f.tensor_ranges.get(key, {})
-        todo = [(n, max(a, per[n][0]), min(b, per[n][1]), per[n][0], a) for n, (a, b) in wanted.items() if n in per]
-        todo = [t for t in todo if t[1] < t[2]]
-        if not todo:
-            continue
-        with safe_open(verify_file(manifest, f), framework="pt") as handle:
-            for name, a, b, fa, start in todo:
-                out[name][a - start : b - start] = handle.get_slice(f"method.{key}.{name}")[a - fa : b - fa]
-    return out
+    (checksums verified first, only the overlapping bytes read).
 
-
-def read_moment_ranges(manifest: Manifest, key: str, wanted: dict[str, tuple[int, int]]) -> dict[str, torch.Tensor]:
-    """Entries ``[start, end)`` of the optimizer moment ``key`` of every ``name: (start, end)`` in ``wanted``,
-    flat, 0 where not TRAIN. A parameter listed as ``compact`` holds the moments of its TRAIN entries only:
-    a piece's offset is the count of TRAIN bits before the range, read from the train mask of the same file."""
+    A parameter the manifest lists as ``compact`` for ``key`` (the optimizer's moments of a managed
+    parameter) holds values for its TRAIN entries only: a piece's offset is the count of TRAIN bits
+    before the range, read from the train mask of the same file, and the other entries read as 0.
+    """
     meta = manifest.tensors[key]
     dtype, compact = _DTYPES[meta["dtype"]], set(meta.get("compact", ()))
     out = {n: torch.zeros(b - a, dtype=dtype) for n, (a, b) in wanted.items()}
@@ -407,16 +395,16 @@ def read_moment_ranges(manifest: Manifest, key: str, wanted: dict[str, tuple[int
             continue
         with safe_open(verify_file(manifest, f), framework="pt") as handle:
             for name, a, b, fa, start in todo:
-                src = handle.get_slice(f"method.{key}.{name}")
+                src, dst = handle.get_slice(f"method.{key}.{name}"), out[name][a - start : b - start]
                 if name not in compact:
-                    out[name][a - start : b - start] = src[a - fa : b - fa]
+                    dst.copy_(src[a - fa : b - fa])
                     continue
                 train = _read_bits(handle, f"{name}.train", 0, b - fa)
                 c0, sel = int(train[: a - fa].sum()), train[a - fa :]
                 values = src[c0 : c0 + int(sel.sum())]
                 if values.numel() != int(sel.sum()):
-                    raise CheckpointError(f"{f.file}: optimizer moments of {name!r} do not match its train mask")
-                out[name][a - start : b - start][sel] = values
+                    raise CheckpointError(f"{f.file}: tensor state {key}/{name} does not match its train mask")
+                dst[sel] = values
     return out
 
 
@@ -533,8 +521,7 @@ def load_dimred_state(manager, directory: str | os.PathLike) -> Manifest:
             for n, v in mine.items():
                 if tuple(meta["params"][n]) != tuple(v.shape):
                     raise CheckpointError(f"tensor state {key}/{n} has shape {meta['params'][n]}, here {v.shape}")
-            reader = read_moment_ranges if key.startswith(OPTIMIZER_PREFIX) else read_tensor_ranges
-            tensors[key] = reader(manifest, key, {n: (v.start, v.end) for n, v in mine.items()})
+            tensors[key] = read_tensor_ranges(manifest, key, {n: (v.start, v.end) for n, v in mine.items()})
     except Exception as e:  # noqa: BLE001 - re-raised below on this rank, reported on the others
         error = e
     if int(coll.all_reduce_max(torch.tensor([int(error is not None)]))[0]):

@@ -26,7 +26,8 @@ from dimred_dist.core.logging import get_logger
 
 logger = get_logger(__name__)
 
-__all__ = ["CHECKPOINT_RE", "hash_file", "hash_tree", "checkpoint_problem", "newest_complete", "set_aside"]
+__all__ = ["CHECKPOINT_RE", "checkpoint_problem", "checkpoints", "hash_file", "hash_tree", "incomplete_later",
+           "newest_complete", "resumable", "set_aside", "trainer_step"]
 
 _CHUNK = 1 << 22
 #: Folder names of Trainer checkpoints (``transformers.trainer_utils.PREFIX_CHECKPOINT_DIR``).
@@ -61,6 +62,16 @@ def hash_tree(folder: str | os.PathLike, skip: str) -> dict[str, dict[str, int |
             for p in _files(folder, skip)}
 
 
+#: Folders found complete in this process, with the (path, size, mtime) of every file at that moment: a
+#: second check of an unchanged folder (job validation, then the Trainer's resume) does not hash again.
+_VERIFIED: dict[str, tuple] = {}
+
+
+def _signature(folder: Path) -> tuple:
+    return tuple((p.as_posix(), st.st_size, st.st_mtime_ns)
+                 for p in sorted(folder.rglob("*")) if p.is_file() for st in [p.stat()])
+
+
 def checkpoint_problem(folder: str | os.PathLike) -> str | None:
     """Why ``folder`` is not a complete dimred checkpoint, or None if it is (streams every file once).
 
@@ -69,9 +80,19 @@ def checkpoint_problem(folder: str | os.PathLike) -> str | None:
     present outside ``dimred/``. A manifest of format version 2 or older records no other files;
     only its dimred files are checked (logged).
     """
+    folder = Path(folder)
+    key = os.path.realpath(folder)
+    if key in _VERIFIED and folder.is_dir() and _VERIFIED[key] == _signature(folder):
+        return None
+    why = _problem(folder)
+    if why is None:
+        _VERIFIED[key] = _signature(folder)
+    return why
+
+
+def _problem(folder: Path) -> str | None:
     from dimred_dist.distributed.checkpoint import DIMRED_DIR, CheckpointError, read_manifest, verify_file
 
-    folder = Path(folder)
     try:
         manifest = read_manifest(folder)
         for f in manifest.files:
@@ -96,15 +117,36 @@ def checkpoint_problem(folder: str | os.PathLike) -> str | None:
     return None
 
 
+def resumable(folder: str | os.PathLike):
+    """The manifest of ``folder`` if a run can resume from it: complete (:func:`checkpoint_problem`) and its
+    dimred step equal to the Trainer's ``global_step``; else :class:`CheckpointError` naming why."""
+    from dimred_dist.distributed.checkpoint import CheckpointError, read_manifest
+
+    problem = checkpoint_problem(folder)
+    if problem is not None:
+        raise CheckpointError(f"cannot resume from {folder}: {problem}")
+    manifest = read_manifest(folder)
+    step = trainer_step(folder)
+    if step is not None and step != manifest.step:
+        raise CheckpointError(
+            f"cannot resume from {folder}: it holds a dimred state of step {manifest.step} but its "
+            f"trainer_state.json is at step {step} (a manifest copied from another checkpoint?)"
+        )
+    return manifest
+
+
+def checkpoints(output_dir: str | os.PathLike) -> list[tuple[int, Path]]:
+    """``(N, path)`` of every ``checkpoint-N`` folder of ``output_dir``, by step."""
+    root = Path(output_dir)
+    found = [(int(m.group(1)), p) for p in (root.iterdir() if root.is_dir() else [])
+             if (m := CHECKPOINT_RE.match(p.name)) and p.is_dir()]
+    return sorted(found, key=lambda t: t[0])
+
+
 def newest_complete(output_dir: str | os.PathLike) -> tuple[Path | None, list[tuple[Path, str]]]:
     """The newest complete ``checkpoint-N`` of ``output_dir`` and the newer ones skipped, with why."""
-    found = []
-    for p in Path(output_dir).iterdir() if Path(output_dir).is_dir() else []:
-        m = CHECKPOINT_RE.match(p.name)
-        if m and p.is_dir():
-            found.append((int(m.group(1)), p))
     skipped: list[tuple[Path, str]] = []
-    for _, path in sorted(found, reverse=True):
+    for _, path in reversed(checkpoints(output_dir)):
         why = checkpoint_problem(path)
         if why is None:
             return path, skipped
@@ -114,14 +156,13 @@ def newest_complete(output_dir: str | os.PathLike) -> tuple[Path | None, list[tu
 
 def incomplete_later(output_dir: str | os.PathLike, step: int) -> list[Path]:
     """``checkpoint-N`` folders with ``N > step`` that have no dimred manifest (a save cut short)."""
+    return [p for n, p in checkpoints(output_dir) if n > step and not has_manifest(p)]
+
+
+def has_manifest(folder: Path) -> bool:
     from dimred_dist.distributed.checkpoint import DIMRED_DIR, MANIFEST
 
-    out = []
-    for p in Path(output_dir).iterdir() if Path(output_dir).is_dir() else []:
-        m = CHECKPOINT_RE.match(p.name)
-        if m and p.is_dir() and int(m.group(1)) > step and not (p / DIMRED_DIR / MANIFEST).is_file():
-            out.append(p)
-    return sorted(out, key=lambda p: int(p.name.split("-")[-1]))
+    return (folder / DIMRED_DIR / MANIFEST).is_file()
 
 
 def set_aside(path: Path) -> Path:

@@ -48,8 +48,6 @@ import torch
 
 from dimred_dist.core.logging import get_logger
 from dimred_dist.distributed.checkpoint import (
-    DIMRED_DIR,
-    MANIFEST,
     CheckpointError,
     Manifest,
     check_model,
@@ -57,11 +55,12 @@ from dimred_dist.distributed.checkpoint import (
     same_partitioning,
 )
 from dimred_dist.distributed.integrity import (
-    checkpoint_problem,
+    checkpoints,
+    has_manifest,
     incomplete_later,
     newest_complete,
+    resumable,
     set_aside,
-    trainer_step,
 )
 
 logger = get_logger(__name__)
@@ -91,7 +90,7 @@ class TrainerResume:
         if save is not None and _signature(getattr(trainer, "_save_checkpoint", None))[:2] == ["model", "trial"]:
             self._wrap_save(save)
         orig = getattr(trainer, "_prepare_for_training", None)
-        if orig is None or list(inspect.signature(orig).parameters)[:3] != _SIGNATURE:
+        if _signature(orig)[:3] != _SIGNATURE:
             if trainer is not None:
                 logger.warning(
                     "dimred: this transformers version has no Trainer._prepare_for_training%s; resuming at another "
@@ -141,16 +140,7 @@ class TrainerResume:
             resume = self._newest_complete(self.trainer.args.output_dir)
         if resume is None:
             return None  # a fresh run
-        problem = checkpoint_problem(resume)
-        if problem is not None:
-            raise CheckpointError(f"cannot resume from {resume}: {problem}")
-        manifest = read_manifest(resume)
-        step = trainer_step(resume)
-        if step is not None and step != manifest.step:
-            raise CheckpointError(
-                f"cannot resume from {resume}: its dimred state is of step {manifest.step} but the Trainer's "
-                f"trainer_state.json is at step {step} (a manifest copied from another checkpoint?)"
-            )
+        manifest = resumable(resume)
         shapes = {n: tuple(getattr(p, "ds_shape", p.shape)) for n, p in self.trainer.model.named_parameters()}
         check_model(manifest, shapes, managed=False)
         return os.fspath(resume)
@@ -269,12 +259,7 @@ def _set_aside_incomplete(args: Any, state: Any) -> None:
 def _check_no_later_checkpoints(args: Any, state: Any) -> None:
     if str(getattr(args.save_strategy, "value", args.save_strategy)) == "no":
         return
-    later = sorted(
-        (p for p in Path(args.output_dir).glob("checkpoint-*")
-         if p.name.split("-")[-1].isdigit() and int(p.name.split("-")[-1]) > state.global_step
-         and (p / DIMRED_DIR / MANIFEST).is_file()),
-        key=lambda p: int(p.name.split("-")[-1]),
-    )
+    later = [p for n, p in checkpoints(args.output_dir) if n > state.global_step and has_manifest(p)]
     if later:
         raise FileExistsError(
             f"{args.output_dir} already holds dimred checkpoints after step {state.global_step} "
