@@ -109,7 +109,8 @@ class DimRedManager:
                 whose probe gives no gradient.
         """
         views = self.adapter.views(self.params)
-        state = DimRedState({n: ParamState.dense(n, v.shape, v.start, v.end) for n, v in views.items()})
+        state = DimRedState({n: ParamState.dense(n, v.shape, v.start, v.end, device=v.weight().device)
+                             for n, v in views.items()})
         shapes = {n: v.shape for n, v in views.items()}
         densities = layer_densities(self.recipe.distribution, shapes, self.recipe.density)
         counts = keep_counts(densities, shapes)

@@ -33,11 +33,10 @@ from typing import Any
 
 import torch
 
+from dimred_dist.core.bits import count_bits
 from dimred_dist.core.state import DimRedState
 from dimred_dist.distributed.collectives import Collectives
-from dimred_dist.optim.compact import CompactOptimizer, pack_bits
-
-_POPCOUNT = torch.tensor([i.bit_count() for i in range(256)], dtype=torch.int64)
+from dimred_dist.optim.compact import CompactOptimizer
 
 
 class EverActive:
@@ -48,22 +47,18 @@ class EverActive:
     """
 
     def __init__(self, state: DimRedState) -> None:
-        self.bits = {ps.name: pack_bits(ps.keep) for ps in state}
-        self.counts = {name: _popcount(b) for name, b in self.bits.items()}
+        self.bits = {ps.name: ps.keep_bits.clone() for ps in state}
+        self.counts = {name: count_bits(b) for name, b in self.bits.items()}
 
     def update(self, state: DimRedState) -> None:
         """Add the entries kept now."""
         for ps in state:
-            self.bits[ps.name] |= pack_bits(ps.keep)
+            self.bits[ps.name] |= ps.keep_bits.to(self.bits[ps.name].device)
         self.recount()
 
     def recount(self) -> None:
         """Refresh the cached counts after :attr:`bits` changed."""
-        self.counts = {name: _popcount(b) for name, b in self.bits.items()}
-
-
-def _popcount(bits: torch.Tensor) -> int:
-    return int(_POPCOUNT[bits.to(torch.int64)].sum())
+        self.counts = {name: count_bits(b) for name, b in self.bits.items()}
 
 
 def optimizer_bytes(optimizer: Any) -> tuple[int, int] | None:

@@ -1,21 +1,27 @@
 """Per-element TRAIN / FREEZE / PRUNE state of the managed parameters.
 
-Every managed parameter holds two boolean tensors over the slice of its flattened index space
-that this process owns (the whole tensor without sharding, a shard under ZeRO):
+Every managed parameter holds two bit-packed masks (2 bits per entry in all, see
+:mod:`dimred_dist.core.bits`) over the slice of its flattened index space that this process owns
+(the whole tensor without sharding, a shard under ZeRO):
 
 * ``keep``: False for PRUNE entries (value exactly 0, no gradient, no optimizer state);
 * ``train``: True for TRAIN entries. ``train`` implies ``keep``; ``keep & ~train`` is FREEZE.
 
-Masks are updated in place so that anything holding a reference (hooks, optimizers) stays valid.
-Hyper-parameters never live here: this is data only.
+:attr:`ParamState.keep` and :attr:`ParamState.train` unpack a mask into a new ``bool`` tensor: a
+read, never a handle to write through (writing into it changes nothing). Masks change through
+:meth:`ParamState.set_keep`, :meth:`ParamState.set_train` and :meth:`ParamState.set_masks`, which
+repack in place, so the packed tensors (:attr:`ParamState.keep_bits`, :attr:`ParamState.train_bits`)
+keep their identity. Hyper-parameters never live here: this is data only.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
 from enum import IntEnum
 
 import torch
+
+from dimred_dist.core.bits import count_bits, pack_bits, pack_into, packed_size, unpack_bits
 
 
 class ElementState(IntEnum):
@@ -26,7 +32,6 @@ class ElementState(IntEnum):
     PRUNE = 2
 
 
-@dataclass
 class ParamState:
     """State of one managed parameter over the global flat range ``[start, end)`` owned locally.
 
@@ -36,65 +41,101 @@ class ParamState:
         start: First global flat index owned by this process.
         end: One past the last global flat index owned by this process.
         keep: Local bool tensor, False where the element is pruned.
-        train: Local bool tensor, True where the element is trained.
+        train: Local bool tensor, True where the element is trained (taken ``& keep``).
+        device: Where the packed masks live (default: ``keep``'s device).
     """
 
-    name: str
-    shape: tuple[int, ...]
-    start: int
-    end: int
-    keep: torch.Tensor = field(repr=False)
-    train: torch.Tensor = field(repr=False)
+    __slots__ = ("name", "shape", "start", "end", "keep_bits", "train_bits")
 
-    @classmethod
-    def dense(cls, name: str, shape: tuple[int, ...], start: int, end: int) -> ParamState:
-        """All local entries TRAIN."""
-        n = end - start
-        return cls(name, tuple(shape), start, end, torch.ones(n, dtype=torch.bool), torch.ones(n, dtype=torch.bool))
-
-    def __post_init__(self) -> None:
+    def __init__(self, name: str, shape: tuple[int, ...], start: int, end: int, keep: torch.Tensor,
+                 train: torch.Tensor, *, device: torch.device | str | None = None) -> None:
+        self.name, self.shape, self.start, self.end = name, tuple(int(d) for d in shape), int(start), int(end)
         n = self.end - self.start
         if not 0 <= self.start <= self.end <= self.numel:
             raise ValueError(f"{self.name}: local range [{self.start}, {self.end}) outside 0..{self.numel}")
-        for label, t in (("keep", self.keep), ("train", self.train)):
+        for label, t in (("keep", keep), ("train", train)):
             if t.dtype != torch.bool or t.shape != (n,):
-                raise ValueError(f"{self.name}: {label} must be a bool tensor of shape ({n},), got {t.dtype} {tuple(t.shape)}")
+                raise ValueError(f"{self.name}: {label} must be a bool tensor of shape ({n},), "
+                                 f"got {t.dtype} {tuple(t.shape)}")
+        device = keep.device if device is None else torch.device(device)
+        keep = keep.to(device)
+        self.keep_bits = pack_bits(keep)
+        self.train_bits = pack_bits(train.to(device) & keep)
+
+    @classmethod
+    def dense(cls, name: str, shape: tuple[int, ...], start: int, end: int, *,
+              device: torch.device | str | None = None) -> ParamState:
+        """All local entries TRAIN."""
+        ones = torch.ones(end - start, dtype=torch.bool, device=device)
+        return cls(name, tuple(shape), start, end, ones, ones)
+
+    def __repr__(self) -> str:
+        return f"ParamState(name={self.name!r}, shape={self.shape}, start={self.start}, end={self.end})"
 
     @property
     def numel(self) -> int:
         """Global number of elements of the parameter."""
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
+        return math.prod(self.shape)
 
     @property
     def local_numel(self) -> int:
         return self.end - self.start
 
+    @property
+    def device(self) -> torch.device:
+        return self.keep_bits.device
+
+    @property
+    def keep(self) -> torch.Tensor:
+        """A new bool tensor: False where PRUNE."""
+        return unpack_bits(self.keep_bits, self.local_numel)
+
+    @property
+    def train(self) -> torch.Tensor:
+        """A new bool tensor: True where TRAIN."""
+        return unpack_bits(self.train_bits, self.local_numel)
+
     def prune_mask(self) -> torch.Tensor:
-        return ~self.keep
+        return unpack_bits(~self.keep_bits, self.local_numel)
 
     def freeze_mask(self) -> torch.Tensor:
-        return self.keep & ~self.train
+        return unpack_bits(self.keep_bits & ~self.train_bits, self.local_numel)
+
+    def nbytes(self) -> int:
+        """Bytes of the packed masks."""
+        return 2 * packed_size(self.local_numel)
+
+    def set_masks(self, keep: torch.Tensor, train: torch.Tensor) -> None:
+        """Replace both masks in place (``train`` is taken ``& keep``)."""
+        self._check(keep, "keep")
+        self._check(train, "train")
+        keep = keep.to(self.device, torch.bool)
+        pack_into(self.keep_bits, keep)
+        pack_into(self.train_bits, train.to(self.device, torch.bool) & keep)
 
     def set_keep(self, keep: torch.Tensor, *, train_new: bool = True) -> None:
         """Replace the keep mask in place; newly kept entries become TRAIN (or FREEZE), pruned lose TRAIN."""
-        keep = keep.to(self.keep.device, torch.bool)
-        grown = keep & ~self.keep
-        self.keep.copy_(keep)
-        self.train &= keep
+        self._check(keep, "keep")
+        new_bits = pack_bits(keep.to(self.device, torch.bool))
+        grown = new_bits & ~self.keep_bits
+        self.train_bits &= new_bits
         if train_new:
-            self.train |= grown
+            self.train_bits |= grown
+        self.keep_bits.copy_(new_bits)
 
     def set_train(self, train: torch.Tensor) -> None:
         """Replace the train mask in place; TRAIN requires keep, so pruned entries stay pruned."""
-        self.train.copy_(train.to(self.train.device, torch.bool) & self.keep)
+        self._check(train, "train")
+        self.train_bits.copy_(pack_bits(train.to(self.device, torch.bool)) & self.keep_bits)
+
+    def _check(self, mask: torch.Tensor, label: str) -> None:
+        if mask.shape != (self.local_numel,):
+            raise ValueError(f"{self.name}: {label} must have shape ({self.local_numel},), got {tuple(mask.shape)}")
 
     def counts(self) -> dict[ElementState, int]:
         """Local counts of each state."""
-        n_keep = int(self.keep.sum())
-        n_train = int(self.train.sum())
+        n_keep = count_bits(self.keep_bits)
+        n_train = count_bits(self.train_bits)
         return {
             ElementState.TRAIN: n_train,
             ElementState.FREEZE: n_keep - n_train,
@@ -103,7 +144,7 @@ class ParamState:
 
     def codes(self) -> torch.Tensor:
         """Local uint8 tensor of :class:`ElementState` codes."""
-        out = torch.full((self.local_numel,), ElementState.PRUNE, dtype=torch.uint8)
+        out = torch.full((self.local_numel,), ElementState.PRUNE, dtype=torch.uint8, device=self.device)
         out[self.keep] = ElementState.FREEZE
         out[self.train] = ElementState.TRAIN
         return out
@@ -136,8 +177,8 @@ class DimRedState:
         """Flat dict of tensors (safetensors-friendly): ``<name>.keep``, ``<name>.train``, ``<name>.range``."""
         out: dict[str, torch.Tensor] = {}
         for name, ps in self.params.items():
-            out[f"{name}.keep"] = ps.keep.clone()
-            out[f"{name}.train"] = ps.train.clone()
+            out[f"{name}.keep"] = ps.keep
+            out[f"{name}.train"] = ps.train
             out[f"{name}.range"] = torch.tensor([ps.start, ps.end], dtype=torch.int64)
             out[f"{name}.shape"] = torch.tensor(ps.shape, dtype=torch.int64)
         return out
@@ -162,5 +203,4 @@ class DimRedState:
                 t = sd[f"{name}.{key}"]
                 if t.dtype != torch.bool or t.shape != (ps.local_numel,):
                     raise ValueError(f"{name}.{key}: expected bool ({ps.local_numel},), got {t.dtype} {tuple(t.shape)}")
-            ps.keep.copy_(sd[f"{name}.keep"])
-            ps.train.copy_(sd[f"{name}.train"] & ps.keep)
+            ps.set_masks(sd[f"{name}.keep"], sd[f"{name}.train"])

@@ -49,10 +49,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
 
+from dimred_dist.core.bits import pack_bits, unpack_bits
 from dimred_dist.core.logging import get_logger
 from dimred_dist.core.typecheck import brief
 from dimred_dist.distributed.integrity import hash_tree
-from dimred_dist.optim.compact import pack_bits, unpack_bits
 
 logger = get_logger(__name__)
 
@@ -159,8 +159,8 @@ def save_dimred_state(manager, directory: str | os.PathLike, *, record_checkpoin
     mine = [n for n in names if views[n].local_numel and (not views[n].replicated or topo.rank == 0)]
     tensors: dict[str, torch.Tensor] = {}
     for n in mine:
-        tensors[f"{n}.keep"] = pack_bits(state[n].keep.cpu())
-        tensors[f"{n}.train"] = pack_bits(state[n].train.cpu())
+        tensors[f"{n}.keep"] = state[n].keep_bits.cpu()
+        tensors[f"{n}.train"] = state[n].train_bits.cpu()
         if manager.ever is not None:
             tensors[f"{n}.ever"] = manager.ever.bits[n].cpu()
     ranges = {n: [views[n].start, views[n].end] for n in mine}
@@ -534,7 +534,7 @@ def load_dimred_state(manager, directory: str | os.PathLike) -> Manifest:
     sd, ever = {}, {}
     for name, v in views.items():
         keep, train, *seen = masks.get(name, tuple(torch.zeros(0, dtype=torch.bool) for _ in keys))
-        device = manager.state[name].keep.device
+        device = manager.state[name].device
         if seen:
             ever[name] = pack_bits(seen[0])
         sd.update({f"{name}.keep": keep.to(device), f"{name}.train": train.to(device),

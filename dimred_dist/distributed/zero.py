@@ -137,7 +137,8 @@ class ZeroAdapter:
 
         if not isinstance(self.inner, CompactOptimizer):
             raise TypeError(
-                f"DeepSpeed drives a {type(self.inner).__name__}, which keeps dense state for pruned and frozen entries. "
+                f"DeepSpeed drives a {type(self.inner).__name__}, which keeps dense state for pruned and frozen "
+                "entries. "
                 "Pass dimred_dist.optim.CompactAdamW (or CompactSGD) as the client optimizer to deepspeed.initialize "
                 "and remove the 'optimizer' section of the DeepSpeed config (with the HF Trainer: "
                 "optimizer_cls_and_kwargs=(CompactAdamW, {...}))."

@@ -20,21 +20,7 @@ from typing import Any
 
 import torch
 
-_BIT = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
-
-
-def pack_bits(mask: torch.Tensor) -> torch.Tensor:
-    """Bool tensor -> uint8 tensor of ceil(n / 8) bytes (entry i is bit i % 8 of byte i // 8)."""
-    m = mask.reshape(-1).to(torch.uint8)
-    pad = (-m.numel()) % 8
-    if pad:
-        m = torch.cat([m, m.new_zeros(pad)])
-    return (m.view(-1, 8) * _BIT.to(m.device)).sum(1, dtype=torch.uint8)
-
-
-def unpack_bits(bits: torch.Tensor, n: int) -> torch.Tensor:
-    """Inverse of :func:`pack_bits` for the first ``n`` entries."""
-    return (bits.reshape(-1, 1) & _BIT.to(bits.device)).ne(0).reshape(-1)[:n]
+from dimred_dist.core.bits import count_bits, pack_bits, unpack_bits
 
 
 def state_tensor_bytes(optimizer: torch.optim.Optimizer) -> int:
@@ -66,7 +52,7 @@ class CompactOptimizer(torch.optim.Optimizer):
 
     def _active_count(self, p: torch.Tensor) -> int:
         bits = self.state[p].get("mask_bits")
-        return p.numel() if bits is None else int(unpack_bits(bits, p.numel()).sum())
+        return p.numel() if bits is None else count_bits(bits)
 
     def train_mask(self, p: torch.Tensor) -> torch.Tensor | None:
         """The bool train mask of ``p`` (None: every entry trains)."""

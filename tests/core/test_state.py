@@ -58,9 +58,9 @@ def test_codes_and_counts_hand_worked():
 
 def test_set_keep_is_in_place_and_keeps_train_inside_keep():
     ps = _state(keep=[1, 1, 0, 0, 1, 1], train=[1, 0, 0, 0, 1, 1])
-    keep_ref, train_ref = ps.keep, ps.train
+    keep_ref, train_ref = ps.keep_bits, ps.train_bits
     ps.set_keep(_bool(1, 0, 1, 0, 1, 1))
-    assert ps.keep is keep_ref and ps.train is train_ref  # hooks holding the tensors stay valid
+    assert ps.keep_bits is keep_ref and ps.train_bits is train_ref  # the packed tensors keep their identity
     assert ps.keep.tolist() == [True, False, True, False, True, True]
     # 0: stays TRAIN, 1: FREEZE -> PRUNE, 2: regrown -> TRAIN, 4/5 unchanged
     assert ps.codes().tolist() == [0, 2, 0, 2, 0, 0]
@@ -74,9 +74,9 @@ def test_set_keep_can_grow_into_freeze():
 
 def test_set_train_never_revives_pruned_entries():
     ps = _state(keep=[1, 1, 0, 0], train=[1, 1, 0, 0], shape=(4,))
-    train_ref = ps.train
+    train_ref = ps.train_bits
     ps.set_train(_bool(0, 1, 1, 0))
-    assert ps.train is train_ref
+    assert ps.train_bits is train_ref
     assert ps.codes().tolist() == [1, 0, 2, 2]
 
 
@@ -108,13 +108,13 @@ def test_state_dict_round_trip_in_place():
     sd = st.state_dict()
     assert set(sd) == {f"{n}.{k}" for n in "ab" for k in ("keep", "train", "range", "shape")}
     assert sd["b.range"].tolist() == [2, 5] and sd["b.shape"].tolist() == [6]
-    st["a"].keep.fill_(True)  # the saved tensors are copies
+    st["a"].set_keep(torch.ones(4, dtype=torch.bool))  # the saved tensors are copies
     assert sd["a.keep"].tolist() == [True, False, True, False]
 
     fresh = _two_param_state()
-    refs = [(ps.keep, ps.train) for ps in fresh]
+    refs = [(ps.keep_bits, ps.train_bits) for ps in fresh]
     fresh.load_state_dict(sd)
-    assert all(k is ps.keep and t is ps.train for (k, t), ps in zip(refs, fresh))  # loaded in place
+    assert all(k is ps.keep_bits and t is ps.train_bits for (k, t), ps in zip(refs, fresh))  # loaded in place
     assert fresh["a"].codes().tolist() == [0, 2, 1, 2]
     assert fresh["b"].codes().tolist() == [2, 0, 0]
 

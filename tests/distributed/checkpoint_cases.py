@@ -74,8 +74,7 @@ def scribble(manager) -> None:
     for name, v in manager.views.items():
         idx = torch.arange(v.start, v.end, dtype=torch.int64) + len(name)
         h = (idx * 2654435761) % 1000003
-        manager.state[name].keep.copy_(h % 3 != 0)
-        manager.state[name].train.copy_((h % 3 != 0) & (h % 5 != 0))
+        manager.state[name].set_masks(h % 3 != 0, (h % 3 != 0) & (h % 5 != 0))
     manager.step = 7
 
 

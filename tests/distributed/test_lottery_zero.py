@@ -50,8 +50,7 @@ def test_round_masks_match_one_process(results, stage):
                              numel[n]) for n in numel}
         ref.ctx.views = {n: ArrayView(n, ref.views[n].shape, w[n].clone(), None) for n in w}
         for n in w:
-            ref.state[n].keep.copy_(keep0[n])
-            ref.state[n].train.copy_(keep0[n])
+            ref.state[n].set_masks(keep0[n], keep0[n])
         ref.method.update(ref.ctx, u0["step"])
         ref.ctx.take_requests()
         for n in w:

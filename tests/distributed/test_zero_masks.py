@@ -140,8 +140,7 @@ def test_dynamic_updates_match_single_process(stage, precision, method):
         ref.ctx.views = {n: ArrayView(n, r0["shapes"][n], w[n].clone(), g[n].clone()) for n in w}
         ref.ctx.take_requests()
         for n in w:
-            ref.ctx.state[n].keep.copy_(keep0[n])
-            ref.ctx.state[n].train.copy_(train0[n])
+            ref.ctx.state[n].set_masks(keep0[n], train0[n])
         ref_metrics = ref.method.update(ref.ctx, step)
 
         for field in ("keep", "train", "regrown", "w"):

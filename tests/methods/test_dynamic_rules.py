@@ -45,8 +45,7 @@ def _one_layer_manager(method: str, w, keep, g=None, *, drop: float, interval: i
     mgr = DimRedManager(r, model, total_steps=100).prepare()
     with torch.no_grad():
         model.weight.copy_(torch.tensor(w).reshape(-1, 1))
-    mgr.state["weight"].keep.copy_(torch.tensor(keep))
-    mgr.state["weight"].train.copy_(torch.tensor(keep))
+    mgr.state["weight"].set_masks(torch.tensor(keep), torch.tensor(keep))
     if g is not None:
         model.weight.grad = torch.tensor(g).reshape(-1, 1)
     return mgr, model

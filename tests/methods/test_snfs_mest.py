@@ -23,8 +23,7 @@ def _two_layers(wa, wb) -> nn.Module:
 
 def _set_masks(mgr, masks: dict[str, list[bool]]) -> None:
     for name, keep in masks.items():
-        mgr.state[name].keep.copy_(torch.tensor(keep))
-        mgr.state[name].train.copy_(torch.tensor(keep))
+        mgr.state[name].set_masks(torch.tensor(keep), torch.tensor(keep))
 
 
 # ---- SNFS ---------------------------------------------------------------------------------------

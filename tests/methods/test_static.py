@@ -150,19 +150,20 @@ def _static_worker(rank: int, world_size: int) -> dict:
     out["agreement"] = "ok"
     ps = mgr.state["0.weight"]
     for idx, how in FLIPS:
-        saved = ps.keep.clone(), ps.train.clone()
+        saved = ps.keep, ps.train
+        keep, train = ps.keep, ps.train
         if rank == 1 and how == "toggle_keep":
-            ps.keep[idx] = ~ps.keep[idx]
-            ps.train[idx] = ps.keep[idx]
+            keep[idx] = ~keep[idx]
+            train[idx] = keep[idx]
         elif rank == 1:
-            ps.keep[idx], ps.train[idx] = True, False
+            keep[idx], train[idx] = True, False
+        ps.set_masks(keep, train)
         try:
             mgr.check_agreement()
             out["flipped"][(idx, how)] = None
         except RuntimeError as e:
             out["flipped"][(idx, how)] = str(e)
-        ps.keep.copy_(saved[0])
-        ps.train.copy_(saved[1])
+        ps.set_masks(*saved)
     mgr.check_agreement()  # agreeing again once restored
     out["restored"] = "ok"
     return out

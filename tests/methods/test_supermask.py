@@ -34,7 +34,7 @@ def _edge_popup(**args):
 
 def _set(mgr, model, scores, keep) -> None:
     mgr.method.scores["weight"].copy_(torch.tensor(scores))
-    mgr.state["weight"].keep.copy_(torch.tensor(keep))
+    mgr.state["weight"].set_keep(torch.tensor(keep), train_new=False)
     with torch.no_grad():
         model.weight.copy_((torch.tensor(W0) * torch.tensor(keep)).reshape(2, 2))
 
