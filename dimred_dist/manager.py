@@ -37,6 +37,7 @@ from dimred_dist.core.logging import get_logger
 from dimred_dist.core.registry import get_method
 from dimred_dist.core.state import DimRedState, ElementState, ParamState
 from dimred_dist.core.targets import select_parameters
+from dimred_dist.core.tensors import tensors_in
 from dimred_dist.distributed.adapter import ReplicatedAdapter
 from dimred_dist.distributed.probe import ProbeData, Prober
 from dimred_dist.distributed.protocol import ShardAdapter
@@ -179,6 +180,16 @@ class DimRedManager:
     def _require_prepared(self) -> None:
         if self.ctx is None:
             raise RuntimeError("DimRedManager.prepare() has not been called")
+
+    def own_tensors(self) -> list[torch.Tensor]:
+        """The tensors this manager and its method hold: the packed masks, the ITOP bits, the method's
+        state (scores, momenta, snapshots), the copies of frozen values (for memory accounting)."""
+        self._require_prepared()
+        out = [t for ps in self.ctx.state for t in (ps.keep_bits, ps.train_bits)]
+        if self._ever is not None:
+            out += list(self._ever.bits.values())
+        out += tensors_in(vars(self.method), 4) + list(self._frozen.values())
+        return out
 
     # ---- the step ------------------------------------------------------------------------
     def before_optimizer_step(self) -> None:
